@@ -1,0 +1,5 @@
+import sys
+
+from emgd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""The daemon: one device, its ring, its pipeline thread, signals and the status line.
+
+The main thread runs an asyncio loop (signals, the terminal status line; later the
+control socket, BLE and sd_notify). The device writes into the ring from its own thread;
+the pipeline thread reads it and publishes. Shutdown order on SIGINT/SIGTERM: stop the
+device (no new samples), let the pipeline drain the ring and publish a last status,
+close the sockets, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from emgd import SAMPLE_RATE
+from emgd.config import Settings
+from emgd.errors import EmgdError
+from emgd.pipeline import NotifyingSink, Pipeline, RawStage, Stage
+from emgd.ringbuffer import RingBuffer
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 1.5
+
+
+def resolve_device_url(url: str) -> str:
+    """``auto``: look for a band; none found → the simulated band, said loudly."""
+    if url != "auto":
+        return url
+    log.warning("no band found (device auto): running on the SIMULATED band; every event "
+                "says simulated=true. Pass --device ble or --device serial:PATH for a real band.")
+    return "sim"
+
+
+class Daemon:
+    """Owns the device, ring and pipeline for one band."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device: Any = None
+        self.pipeline: Pipeline | None = None
+        self._stop: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Open the device, bind the sockets and start streaming (raises EmgdError)."""
+        from emgd.drivers.registry import open_device
+
+        url = resolve_device_url(self.settings.device)
+        self.device = open_device(url)
+        info = self.device.info
+        ring = RingBuffer(capacity=int(self.settings.ring_seconds * SAMPLE_RATE))
+        sink = NotifyingSink(ring)
+        stages: list[Stage] = []
+        if self.settings.raw:
+            stages.append(RawStage())
+        self.pipeline = Pipeline(
+            sink=sink, device_id=info.device_id, simulated=info.simulated,
+            stats=lambda: dataclasses.asdict(self.device.stats()),
+            pub_endpoint=self.settings.pub, pub_hwm=self.settings.pub_hwm, stages=stages,
+            status_interval_s=self.settings.status_interval_s)
+        self.pipeline.start()
+        self.pipeline.ready.wait()
+        if self.pipeline.error is not None:
+            self.device.close()
+            raise self.pipeline.error
+        self.device.start(sink)
+        log.info("emgd streaming from %s (%s) → %s%s", info.device_id, url,
+                 self.pipeline.endpoint, " [SIMULATED]" if info.simulated else "")
+
+    def stop(self) -> None:
+        """Stop the device, drain the ring, close everything. Idempotent."""
+        if self.device is not None:
+            try:
+                self.device.stop()
+            finally:
+                self.device.close()
+        if self.pipeline is not None and self.pipeline.is_alive():
+            self.pipeline.stop()
+            self.pipeline.join(STOP_TIMEOUT_S)
+            if self.pipeline.is_alive():
+                log.error("pipeline did not stop within %.1f s", STOP_TIMEOUT_S)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, status_line: bool) -> int:
+        """Run until SIGINT/SIGTERM; returns the exit code."""
+        sys.setswitchinterval(self.settings.switch_interval_ms / 1000.0)
+        self.start()
+        try:
+            return asyncio.run(self._main(status_line))
+        finally:
+            self.stop()
+            if status_line:
+                sys.stderr.write("\n")
+
+    async def _main(self, status_line: bool) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+            if self.pipeline is not None and self.pipeline.error is not None:
+                raise EmgdError(f"pipeline failed: {self.pipeline.error}")
+            if status_line:
+                self._print_status_line()
+        return 0
+
+    def _print_status_line(self) -> None:
+        st = self.pipeline.last_status if self.pipeline else {}
+        if not st:
+            return
+        lat = st.get("latency", {})
+        p99 = lat.get("p99_us")
+        sim = " SIMULATED" if self.device.info.simulated else ""
+        line = (f"\r{self.device.info.device_id}{sim} link={st.get('link', '?')} "
+                f"rate={st.get('rate_hz', 0):7.1f}/s samples={st.get('samples', 0)} "
+                f"lost={st.get('lost_samples', 0)} crc={st.get('crc_errors', 0)} "
+                f"gaps={st.get('gaps', 0)} cpu={st.get('cpu', 0):4.1f}% "
+                f"p99={'-' if p99 is None else f'{p99:.0f}µs'}  ")
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def monotonic_s() -> float:
+    return time.monotonic()
+
+
+__all__ = ["Daemon", "resolve_device_url"]
