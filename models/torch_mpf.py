@@ -43,6 +43,10 @@ def frequency_masks(fs: float = 2000.0) -> torch.Tensor:
 class MPFFeatures(nn.Module):
     """Multivariate power-frequency features: (B, C, N) raw EMG -> (B, 6, C, C, K).
 
+    The persistent ``window`` buffer is the reference's float32 Hann; when it holds that
+    window (torch computes it in float32: up to 1.5e-7 off) the float64 computation uses the exact float64 Hann, so
+    the features are the §2 definition evaluated accurately.
+
     ``window_length`` is 200 (wrist) or 160 (handwriting); W = window_length / 10 STFT frames
     per output frame; ``K = floor((N - left_context - 1) / 40) + 1`` with
     ``left_context = window_length - 10 + 64 - 1`` (253 or 213).
@@ -56,17 +60,25 @@ class MPFFeatures(nn.Module):
         self.left_context = window_length - FFT_STRIDE + N_FFT - 1
         self.stride = MPF_STRIDE
         self.register_buffer("window", hann_window())
+        exact = torch.hann_window(N_FFT, periodic=False, dtype=torch.float64)
+        self.register_buffer("exact_window", exact, persistent=False)
         self.register_buffer("freq_masks", frequency_masks())
 
     def num_frames(self, n: int) -> int:
         """Output frames for an input of n samples (0 when too short)."""
         return (n - self.left_context - 1) // self.stride + 1 if n > self.left_context else 0
 
+    def _analysis_window(self) -> torch.Tensor:
+        """The float64 Hann when ``window`` is the Hann up to float32 rounding, else ``window``."""
+        w = self.window.to(torch.float64)
+        exact = self.exact_window.to(w.device)
+        return exact if torch.allclose(w, exact, rtol=0.0, atol=1e-6) else w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, n = x.shape
         if n <= self.left_context:
             raise ValueError(f"MPF needs at least {self.left_context + 1} samples, got {n}")
-        w = self.window.to(torch.float64)
+        w = self._analysis_window()
         stft = torch.stft(
             x.to(torch.float64).reshape(b * c, n),
             n_fft=N_FFT,
