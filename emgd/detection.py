@@ -185,9 +185,15 @@ def detect_offline(logits: np.ndarray, s0: int = 0, labels: Sequence[str] = GEST
             if (t == 0 and p[0] >= thr[i]) or (t > 0 and p[t - 1] < thr[i] <= p[t]):
                 events.append((int(samples[t]), i, float(p[t])))
     events.sort(key=lambda e: e[0])
-    debounce = _Debouncer(labels, _per_gesture(debounce_samples, labels, "debounce",
-                                               DEBOUNCE_SAMPLES))
-    return [GestureHit(labels[i], i, p, s) for s, i, p in events if debounce.keep(i, s)]
+    window = _per_gesture(debounce_samples, labels, "debounce", DEBOUNCE_SAMPLES)
+    kept: list[GestureHit] = []
+    for s, i, p in events:
+        if kept and s - kept[-1].sample < window[i]:
+            a, b = kept[-1].name, labels[i]
+            if (not is_release(a) and not is_release(b)) or (is_release(a) and a == b):
+                continue
+        kept.append(GestureHit(labels[i], i, p, s))
+    return kept
 
 
 # ----------------------------------------------------------------------------- handwriting
