@@ -195,7 +195,8 @@ class Reader:
         ``out`` is (m, channels) float32, ``index_out`` and ``trecv_out`` are (m,) int64
         (longer arrays are fine; the shortest length bounds the read). Returns how many
         were copied, how many were lost (overwritten) just before them, and the ring
-        position of ``out[0]``. A result may have ``n == 0`` and ``lost > 0``.
+        position of ``out[0]``. A result may have ``n == 0`` and ``lost > 0``. Rows past
+        ``n`` may have been scribbled on (a copy discarded as torn); they mean nothing.
         """
         ring = self._ring
         cap = ring.capacity
