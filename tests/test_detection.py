@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from emgd.detection import (GESTURES, CtcGreedyDecoder, Emitted, FingerState, GestureDetector,
                             LineEditor, WristIntegrator, detect_offline, greedy_decode)
-from emgd.vocab import BACKSPACE, BLANK, ENTER, PAUSE, SHIFT, SPACE, str_to_labels
+from emgd.vocab import BACKSPACE, BLANK, ENTER, PAUSE, SHIFT, str_to_labels
 
 S0 = 1000
 FIRST = S0 + 20
