@@ -98,7 +98,7 @@ class Pipeline(threading.Thread):
         self._pub_hwm = pub_hwm
         self._stages = stages
         self._status_interval_ns = int(status_interval_s * 1e9)
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
         self._status_now = threading.Event()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -117,7 +117,7 @@ class Pipeline(threading.Thread):
 
     # ------------------------------------------------------------------ control
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()
         self._sink.wakeup.set()
 
     def request_status(self) -> None:
@@ -154,7 +154,7 @@ class Pipeline(threading.Thread):
         next_status = time.monotonic_ns()
         self._status_state = _RateMeter()
         while True:
-            stopping = self._stop.is_set()
+            stopping = self._stop_event.is_set()
             wakeup.wait(0.05)
             wakeup.clear()
             while True:  # drain everything available
