@@ -8,6 +8,7 @@ or configuration error.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -17,7 +18,11 @@ from typing import Any
 from emgd import __version__
 from emgd.errors import ConfigError, EmgdError
 
-SUBCOMMANDS = ("run", "listen")
+SUBCOMMANDS = ("run", "listen", "sim", "scan", "ctl", "models")
+
+#: Modules that add a subcommand: each has ``register(subparsers)``, which adds a parser
+#: whose ``func`` default runs the command. A module that is missing is skipped.
+EXTENSIONS = ("emgd.cli_sim", "emgd.cli_scan", "emgd.cli_ctl", "emgd.cli_models")
 
 EPILOG_RUN = """\
 device URLs:
@@ -78,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _run_parser(sub)
     _listen_parser(sub)
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
