@@ -50,6 +50,8 @@ class SampleSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
+    """What a device is. ``device_id`` is updated from the band's STATUS frames."""
+
     device_id: str  # the band's serial number ("" until the band has said it)
     name: str
     transport: str
@@ -61,7 +63,10 @@ class DeviceInfo:
 
 @dataclass(frozen=True, slots=True)
 class DeviceStats:
-    link: str
+    """A snapshot of a device's health. The counters are the protocol decoder's
+    (docs/protocol.md); ``malformed`` here includes the decoder's ``truncated``."""
+
+    link: str  # one of LINK_STATES
     frames: int
     crc_errors: int
     malformed: int
