@@ -149,6 +149,7 @@ class RotationInvariantMLP(nn.Module):
         num_adjacent_cov: int = 3,
     ) -> None:
         super().__init__()
+        self.num_channels = num_channels
         gather = rotation_gather_indices(num_channels, num_adjacent_cov, offsets)
         self.register_buffer("rotation_indices", gather, persistent=False)
         dims = [num_freqs * gather.shape[1], *hidden_dims]
