@@ -187,7 +187,8 @@ echo "RESULT-NODE=$(stat -c %G:%a /dev/ttyS0)"
 def rule_lines(text: str) -> list[str]:
     """Logical lines (continuations joined), comments and blanks dropped."""
     text = text.replace("\\\n", "")
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return [ln.strip() for ln in text.splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def ttys0_variant(text: str) -> str:
