@@ -81,7 +81,9 @@ def load_checkpoint_file(path: str | PathLike[str]) -> dict[Any, Any]:
     try:
         with warnings.catch_warnings():  # the legacy format's module-source check sees only stubs
             warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=stub_pickle)
+            ckpt = torch.load(
+                path, map_location="cpu", weights_only=False, pickle_module=stub_pickle
+            )
     except FileNotFoundError as exc:
         raise ModelError(f"checkpoint not found: {path}") from exc
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
@@ -124,7 +126,8 @@ def validate_state_dict(state_dict: dict[Any, Any], task: Task) -> dict[str, tor
                 problems.append(problem)
     if problems:
         shown = "; ".join(problems[:_MAX_PROBLEMS])
-        more = f" (and {len(problems) - _MAX_PROBLEMS} more)" if len(problems) > _MAX_PROBLEMS else ""
+        hidden = len(problems) - _MAX_PROBLEMS
+        more = f" (and {hidden} more)" if hidden > 0 else ""
         raise ModelError(f"checkpoint does not match the reference {task} network: {shown}{more}")
     return {k: state_dict[k] for k in table}
 
@@ -176,7 +179,8 @@ def _summary(ckpt: dict[Any, Any], hparams: Any, network: Any) -> dict[str, Any]
         for key in ("pytorch-lightning_version", "epoch", "global_step", "hparams_name")
     }
     out["top_level_keys"] = sorted(str(k) for k in ckpt)
-    out["network_class"] = type(network).stub_origin() if isinstance(network, Stub) else _kind(network)
+    is_stub = isinstance(network, Stub)
+    out["network_class"] = type(network).stub_origin() if is_stub else _kind(network)
     out["network"] = _plain(network, 0)
     rest = _items(hparams)
     out["hyper_parameters"] = {str(k): _plain(v, 0) for k, v in rest.items() if k != "network"}
@@ -224,7 +228,8 @@ def _items(obj: Any) -> dict[Any, Any]:
     if isinstance(obj, dict):
         return obj
     if isinstance(obj, Stub):  # a dict subclass (AttributeDict, DictConfig) read as a stub
-        return {**obj._stub_items, **{k: v for k, v in obj.__dict__.items() if not k.startswith("_")}}
+        attrs = {k: v for k, v in obj.__dict__.items() if not k.startswith("_")}
+        return {**obj._stub_items, **attrs}
     return {}
 
 

@@ -76,7 +76,7 @@ def _lstm_state(lstm: nn.LSTM) -> tuple[np.ndarray, np.ndarray]:
 
 
 def gestures_initial_state(net: DiscreteGesturesNet, first: np.ndarray) -> dict[str, np.ndarray]:
-    """State that makes the step reproduce the offline forward: ``first`` = samples 0..10, (11, C)."""
+    """State to reproduce the offline forward; ``first`` = samples 0..10 (11, C)."""
     if first.shape[0] != GESTURE_TAIL:
         raise ValueError(f"need the first {GESTURE_TAIL} samples, got {first.shape[0]}")
     f = first.astype(np.float32)
@@ -133,6 +133,9 @@ def _silence_known_export_warnings() -> None:
     warnings.filterwarnings(
         "ignore", category=torch.jit.TracerWarning, module=r"torch\.nn\.modules\.rnn"
     )
-    warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
-    warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+    for message in (
+        "Exporting a model to ONNX with a batch_size other than 1",
+        "You are using the legacy TorchScript-based ONNX export",
+    ):
+        warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", message="The feature will be removed")

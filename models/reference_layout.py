@@ -39,7 +39,10 @@ def _norm(prefix: str, dim: int) -> Layout:
 
 
 def _mpf(prefix: str) -> Layout:
-    return {f"{prefix}.window": ((64,), F32), f"{prefix}.freq_masks": ((1, 1, 6, 33, 1, 1), "uint8")}
+    return {
+        f"{prefix}.window": ((64,), F32),
+        f"{prefix}.freq_masks": ((1, 1, 6, 33, 1, 1), "uint8"),
+    }
 
 
 def discrete_gestures_layout() -> Layout:
@@ -104,7 +107,7 @@ def layout(task: Task) -> Layout:
 
 
 def parameter_count(table: Layout) -> int:
-    """Number of float32 parameters in a layout (buffers — uint8/bool masks, MPF window — excluded)."""
+    """Number of float32 parameters in a layout (buffers: masks and MPF window excluded)."""
     total = 0
     for name, (shape, dtype) in table.items():
         if dtype == F32 and not name.endswith(".window"):

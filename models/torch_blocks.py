@@ -1,4 +1,4 @@
-"""PyTorch building blocks of the reference handwriting conformer (``neuromotor-models.md`` §3.4-3.6).
+"""PyTorch blocks of the reference handwriting conformer (``neuromotor-models.md`` §3.4-3.6).
 
 Tensors are NTC (batch, time, channels). Module and child names mirror the reference so a
 reference ``state_dict`` loads with ``strict=True``; children with no parameters (activations,
@@ -33,7 +33,7 @@ class TimeReduction(nn.Module):
 
 
 class Residual(nn.Module):
-    """``y = child(x) + weight * x[:, skip_start::skip_stride]`` — the weight scales the skip path."""
+    """``y = child(x) + weight * x[:, skip_start::skip_stride]``: the weight scales the skip."""
 
     def __init__(
         self, child: nn.Sequential, weight: float = 1.0, skip_start: int = 0, skip_stride: int = 1
@@ -50,7 +50,7 @@ class Residual(nn.Module):
 
 
 class TimeConv1d(nn.Module):
-    """Valid (unpadded) 1-D convolution on NTC tensors; the conv itself is ``net`` (as in the reference)."""
+    """Valid (unpadded) 1-D convolution on NTC tensors; the conv is ``net``, as in the reference."""
 
     def __init__(self, channels: int, kernel_size: int, stride: int, groups: int) -> None:
         super().__init__()
@@ -96,7 +96,9 @@ class WindowedAttention(nn.Module):
         *lead, w, d = windows.shape
         return windows.transpose(-1, -2).reshape(*lead, w, d)
 
-    def attend(self, query: torch.Tensor, tokens: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, tokens: torch.Tensor, blocked: torch.Tensor
+    ) -> torch.Tensor:
         """query (N, T, D), tokens (N, T, W, D), blocked (T, W) bool -> (N, T, D)."""
         n, t, d = query.shape
         h = self.num_heads

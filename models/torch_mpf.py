@@ -29,12 +29,12 @@ FREQUENCY_BINS_HZ: tuple[tuple[float, float], ...] = (
 
 
 def hann_window() -> torch.Tensor:
-    """The symmetric 64-point Hann window (float32, ``w[0] = w[63] = 0``), as the buffer holds it."""
+    """The symmetric 64-point Hann (float32, ``w[0] = w[63] = 0``), as the buffer holds it."""
     return torch.hann_window(N_FFT, periodic=False, dtype=torch.float32)
 
 
 def frequency_masks(fs: float = 2000.0) -> torch.Tensor:
-    """Band masks, uint8 of shape (1, 1, 6, 33, 1, 1): bin f is in band (lo, hi] iff lo < f_hz <= hi."""
+    """Band masks, uint8 (1, 1, 6, 33, 1, 1): bin f is in band (lo, hi] iff lo < f_hz <= hi."""
     freqs = torch.fft.fftfreq(N_FFT, d=1.0 / fs, dtype=torch.float64)[: N_FFT // 2 + 1].abs()
     rows = [(freqs > lo) & (freqs <= hi) for lo, hi in FREQUENCY_BINS_HZ]
     return torch.stack(rows).to(torch.uint8).reshape(1, 1, len(rows), N_FFT // 2 + 1, 1, 1)
@@ -43,9 +43,10 @@ def frequency_masks(fs: float = 2000.0) -> torch.Tensor:
 class MPFFeatures(nn.Module):
     """Multivariate power-frequency features: (B, C, N) raw EMG -> (B, 6, C, C, K).
 
-    The persistent ``window`` buffer is the reference's float32 Hann; when it holds that
-    window (torch computes it in float32: up to 1.5e-7 off) the float64 computation uses the exact float64 Hann, so
-    the features are the §2 definition evaluated accurately.
+    The persistent ``window`` buffer is the reference's float32 Hann (torch computes it in
+    float32 arithmetic: up to 1.5e-7 off). While it holds that window, the float64 computation
+    uses the exact float64 Hann, so the features are the §2 definition evaluated accurately;
+    any other loaded window is used as it is.
 
     ``window_length`` is 200 (wrist) or 160 (handwriting); W = window_length / 10 STFT frames
     per output frame; ``K = floor((N - left_context - 1) / 40) + 1`` with
@@ -55,7 +56,7 @@ class MPFFeatures(nn.Module):
     def __init__(self, window_length: int) -> None:
         super().__init__()
         if window_length < N_FFT or window_length % FFT_STRIDE:
-            raise ValueError(f"window_length must be a multiple of 10 and >= 64, got {window_length}")
+            raise ValueError(f"window_length must be a multiple of 10, >= 64: {window_length}")
         self.num_stft_frames = window_length // FFT_STRIDE
         self.left_context = window_length - FFT_STRIDE + N_FFT - 1
         self.stride = MPF_STRIDE

@@ -43,7 +43,7 @@ def _lstm(inputs: int, hidden: int, layers: int, dropout: float) -> nn.LSTM:
 
 
 class DiscreteGesturesNet(nn.Module):
-    """(B, C, N) raw EMG -> (B, 9, floor((N - 21) / 10) + 1) logits (sigmoid per gesture), 200 Hz."""
+    """(B, C, N) raw EMG -> (B, 9, floor((N - 21) / 10) + 1) logits (one sigmoid each), 200 Hz."""
 
     left_context = GESTURE_KERNEL - 1
     stride = GESTURE_STRIDE
@@ -59,7 +59,9 @@ class DiscreteGesturesNet(nn.Module):
     ) -> None:
         super().__init__()
         self.compression = ReinhardCompression(64.0, 32.0)
-        self.conv_layer = nn.Conv1d(num_channels, conv_channels, GESTURE_KERNEL, stride=GESTURE_STRIDE)
+        self.conv_layer = nn.Conv1d(
+            num_channels, conv_channels, GESTURE_KERNEL, stride=GESTURE_STRIDE
+        )
         self.relu = nn.ReLU()
         self.dropout = nn.Dropout(dropout)
         self.post_conv_layer_norm = nn.LayerNorm(conv_channels)
@@ -85,7 +87,7 @@ class DiscreteGesturesNet(nn.Module):
 
 
 class WristNet(nn.Module):
-    """(B, C, N) raw EMG -> (B, 1, floor((N - 254) / 40) + 1): flexion change (rad) per 20 ms frame."""
+    """(B, C, N) raw EMG -> (B, 1, floor((N - 254) / 40) + 1): flexion change (rad) per frame."""
 
     def __init__(
         self,

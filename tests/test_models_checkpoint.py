@@ -100,7 +100,9 @@ def write_checkpoint(path, task, *, mutate=None, extra_hparams=None, legacy=Fals
         hparams = {
             "network": net,
             "optimizer": functools.partial(torch.optim.Adam, lr=1e-3, weight_decay=0),
-            "metric": define(mods["torchmetrics.classification"], "MulticlassAccuracy", num_classes=9),
+            "metric": define(
+                mods["torchmetrics.classification"], "MulticlassAccuracy", num_classes=9
+            ),
             "config": define(mods["omegaconf.listconfig"], "ListConfig", content=[1, 2]),
         }
         if task == "handwriting":
@@ -113,9 +115,13 @@ def write_checkpoint(path, task, *, mutate=None, extra_hparams=None, legacy=Fals
             "global_step": 1200,
             "pytorch-lightning_version": "1.8.6",
             "state_dict": state_dict,
-            "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"current": {"completed": 3}}}},
-            "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(0.5)}},
-            "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-3}]}],
+            "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 3}}}},
+            "callbacks": {
+                "ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(0.5)}
+            },
+            "optimizer_states": [
+                {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-3}]}
+            ],
             "lr_schedulers": [],
             "hparams_name": "kwargs",
             "hyper_parameters": hparams,
@@ -200,11 +206,14 @@ def _set(key, value):
         ("wrist", _reshape("lstm.weight_ih_l0", (2048, 511)),
          "lstm.weight_ih_l0: shape (2048, 511), expected (2048, 512)"),
         ("wrist", _foreign_object("linear_out.weight"),
-         "linear_out.weight: expected a tensor, found a stub of generic_neuromotor_interface.networks.Sneaky"),
+         "linear_out.weight: expected a tensor, found a stub of "
+         "generic_neuromotor_interface.networks.Sneaky"),
         ("wrist", _set("mpf_featurizer.freq_masks", torch.ones(1, 1, 6, 33, 1, 1)),
          "mpf_featurizer.freq_masks: dtype torch.float32, expected uint8"),
-        ("wrist", _set("linear_out.bias", torch.tensor([float("nan")])), "linear_out.bias: contains NaN"),
-        ("handwriting", _set("conformer.2.3.attn_block.child.2.attn_mask", torch.zeros(16, 16, dtype=torch.bool)),
+        ("wrist", _set("linear_out.bias", torch.tensor([float("nan")])),
+         "linear_out.bias: contains NaN"),
+        ("handwriting",
+         _set("conformer.2.3.attn_block.child.2.attn_mask", torch.zeros(16, 16, dtype=torch.bool)),
          "conformer.2.3.attn_block.child.2.attn_mask: constant buffer differs"),
         ("discrete_gestures", _set("projection.weight", torch.zeros(10, 512)),
          "projection.weight: shape (10, 512), expected (9, 512)"),
@@ -221,14 +230,15 @@ def test_tampered_checkpoints_are_refused(tmp_path, task, mutate, needle):
 def test_wrong_task_argument_names_the_keys(tmp_path):
     path = tmp_path / "wrist.ckpt"
     write_checkpoint(path, "wrist")
-    with pytest.raises(ModelError, match="missing keys: conformer.1.bias.*unexpected keys: linear_out.bias"):
+    needle = "missing keys: conformer.1.bias.*unexpected keys: linear_out.bias"
+    with pytest.raises(ModelError, match=needle):
         import_checkpoint(path, task="handwriting")
 
 
 def test_key_outside_network_prefix_is_refused(tmp_path):
     path = tmp_path / "loss.ckpt"
-    write_checkpoint(path, "wrist", mutate=lambda sd, mods: sd.__setitem__("loss_fn.weight", torch.ones(1)))
-    with pytest.raises(ModelError, match="outside 'network.': loss_fn.weight"):
+    write_checkpoint(path, "wrist", mutate=lambda sd, mods: sd.__setitem__("loss.w", torch.ones(1)))
+    with pytest.raises(ModelError, match="outside 'network.': loss.w"):
         import_checkpoint(path)
 
 

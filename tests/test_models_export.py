@@ -63,7 +63,8 @@ def test_gestures_step_matches_offline(tmp_path, full_size):
     state = gestures_initial_state(net, x[:GESTURE_TAIL])
     pos, outputs = GESTURE_TAIL, []
     for k in CHUNKS:
-        y, state["tail"], state["h"], state["c"] = sess.run(None, {"x": x[None, pos: pos + 10 * k], **state})
+        feed = {"x": x[None, pos: pos + 10 * k], **state}
+        y, state["tail"], state["h"], state["c"] = sess.run(None, feed)
         assert y.shape == (1, k, 9)
         outputs.append(y[0])
         pos += 10 * k

@@ -44,7 +44,8 @@ def tiny_gestures() -> DiscreteGesturesNet:
 
 
 def tiny_wrist() -> WristNet:
-    return WristNet(num_channels=4, hidden_dims=(8,), lstm_hidden=6, lstm_layers=2, num_adjacent_cov=1)
+    return WristNet(num_channels=4, hidden_dims=(8,), lstm_hidden=6, lstm_layers=2,
+                    num_adjacent_cov=1)
 
 
 def tiny_handwriting() -> HandwritingNet:
@@ -241,7 +242,7 @@ def test_invalid_adjacent_cov(channels):
 
 
 def test_rotation_mlp_matches_rolls_then_vectorize():
-    """§3.3 literally: roll by -1, 0, 1; vectorize; band-major; LeakyReLU after every layer; mean."""
+    """§3.3 literally: roll by -1, 0, 1; vectorize; band-major; LeakyReLU per layer; mean."""
     torch.manual_seed(0)
     mlp = RotationInvariantMLP(16, 6, (7, 5), num_adjacent_cov=3).double().eval()
     m = torch.randn(2, 6, 16, 16, 4, dtype=torch.float64)
@@ -310,7 +311,8 @@ def test_scrambled_layout_differs_from_time_ordered_keys():
     z = torch.nn.functional.pad(x.reshape(1, 10, 8), (0, 0, 3, 0))
     time_ordered = torch.stack([z[:, i: i + 4] for i in range(10)], dim=1)
     with torch.no_grad():
-        plain = att.attend(x.reshape(1, 10, 8), time_ordered, att.attn_mask[torch.arange(10).clamp(max=3)])
+        rows = att.attn_mask[torch.arange(10).clamp(max=3)]
+        plain = att.attend(x.reshape(1, 10, 8), time_ordered, rows)
         assert (att(x).reshape(1, 10, 8) - plain).abs().max() > 1e-3
 
 
