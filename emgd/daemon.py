@@ -22,6 +22,10 @@ from emgd.config import Settings
 from emgd.errors import EmgdError
 from emgd.pipeline import NotifyingSink, Pipeline, RawStage, Stage
 from emgd.ringbuffer import RingBuffer
+from emgd.sdnotify import Notifier, ProgressWatchdog, format_status
+
+#: The daemon speaks sd_notify (READY, STATUS, WATCHDOG, STOPPING); tests check for this.
+SD_NOTIFY = True
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +94,13 @@ class Daemon:
     def run(self, status_line: bool) -> int:
         """Run until SIGINT/SIGTERM; returns the exit code."""
         sys.setswitchinterval(self.settings.switch_interval_ms / 1000.0)
-        self.start()
+        self._notifier = Notifier.from_env()
         try:
+            self.start()  # device open, sockets bound, kernels/models warm: then READY
             return asyncio.run(self._main(status_line))
         finally:
             self.stop()
+            self._notifier.close()
             if status_line:
                 sys.stderr.write("\n")
 
@@ -103,15 +109,28 @@ class Daemon:
         self._stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
-            if self.pipeline is not None and self.pipeline.error is not None:
-                raise EmgdError(f"pipeline failed: {self.pipeline.error}")
-            if status_line:
-                self._print_status_line()
+        assert self.pipeline is not None
+        pipeline = self.pipeline
+        notifier = self._notifier
+        notifier.ready(status=format_status(pipeline.last_status))
+        watchdog = ProgressWatchdog(notifier, lambda: pipeline.progress,
+                                    expected=lambda: self.device.link == "up")
+        wd_task = asyncio.create_task(watchdog.run(self._stop))
+        try:
+            while not self._stop.is_set():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=0.5)
+                except TimeoutError:
+                    pass
+                if pipeline.error is not None:
+                    raise EmgdError(f"pipeline failed: {pipeline.error}")
+                notifier.status(format_status(pipeline.last_status))
+                if status_line:
+                    self._print_status_line()
+            notifier.stopping(status="stopping")
+        finally:
+            self._stop.set()
+            await wd_task
         return 0
 
     def _print_status_line(self) -> None:
