@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -114,6 +115,9 @@ class Device:
         self._thread: threading.Thread | None = None
         self._opened = False
         self._closed = False
+        #: called with the new link state on every change (from the device's thread);
+        #: the daemon uses it to publish ``status`` at once. Must be cheap and not raise.
+        self.link_listener: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -250,6 +254,9 @@ class Device:
             else:
                 log.info("%s: link %s", self._info.url, state)
             self._link = state
+            listener = self.link_listener
+            if listener is not None:
+                listener(state)
 
     def _note_reconnect(self) -> None:
         self._reconnects += 1

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import signal
 import sys
-import time
 from typing import Any
 
 from emgd import SAMPLE_RATE
@@ -63,8 +62,10 @@ class Daemon:
         stages: list[Stage] = []
         if self.settings.raw:
             stages.append(RawStage())
+        fallback_id = _fallback_id(url)
         self.pipeline = Pipeline(
-            sink=sink, device_id=info.device_id, simulated=info.simulated,
+            sink=sink, device_id=lambda: self.device.info.device_id or fallback_id,
+            simulated=info.simulated,
             stats=lambda: dataclasses.asdict(self.device.stats()),
             pub_endpoint=self.settings.pub, pub_hwm=self.settings.pub_hwm, stages=stages,
             status_interval_s=self.settings.status_interval_s)
@@ -73,6 +74,7 @@ class Daemon:
         if self.pipeline.error is not None:
             self.device.close()
             raise self.pipeline.error
+        self.device.link_listener = lambda _state: self.pipeline.request_status()
         self.device.start(sink)
         log.info("emgd streaming from %s (%s) → %s%s", info.device_id, url,
                  self.pipeline.endpoint, " [SIMULATED]" if info.simulated else "")
@@ -149,8 +151,11 @@ class Daemon:
         sys.stderr.flush()
 
 
-def monotonic_s() -> float:
-    return time.monotonic()
+def _fallback_id(url: str) -> str:
+    """A device id until the band has reported its serial number (first STATUS frame)."""
+    scheme, _, rest = url.partition(":")
+    tail = rest.split("?")[0].rstrip("/").rpartition("/")[2]
+    return f"{scheme.split('?')[0]}-{tail}" if tail else scheme.split("?")[0]
 
 
 __all__ = ["Daemon", "resolve_device_url"]

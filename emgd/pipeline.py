@@ -86,10 +86,10 @@ class RawStage:
 class Pipeline(threading.Thread):
     """Reads the ring, runs the stages and publishes; ``status`` at a fixed interval."""
 
-    def __init__(self, *, sink: NotifyingSink, device_id: str, simulated: bool,
+    def __init__(self, *, sink: NotifyingSink, device_id: Callable[[], str], simulated: bool,
                  stats: Callable[[], dict[str, Any]], pub_endpoint: str, pub_hwm: int,
                  stages: list[Stage], status_interval_s: float = 1.0) -> None:
-        super().__init__(name=f"pipeline-{device_id}", daemon=True)
+        super().__init__(name="pipeline", daemon=True)
         self._sink = sink
         self._device_id = device_id
         self._simulated = simulated
@@ -134,7 +134,7 @@ class Pipeline(threading.Thread):
             self.ready.set()
             return
         self.endpoint = publisher.endpoint
-        ctx = PipelineContext(self._device_id, self._simulated, self.clock, publisher)
+        ctx = PipelineContext(self._device_id(), self._simulated, self.clock, publisher)
         self._ctx = ctx
         self.ready.set()
         try:
@@ -214,6 +214,7 @@ class Pipeline(threading.Thread):
 
     # ------------------------------------------------------------------ status
     def _publish_status(self, ctx: PipelineContext, now: int, state: str = "running") -> None:
+        ctx.device_id = self._device_id()  # the band's serial number, once it has said it
         dev = dict(self._device_stats())
         rate = self._status_state.rate(self.samples, now)
         k = min(ctx.n_latencies, LATENCY_WINDOW)
@@ -245,7 +246,7 @@ class Pipeline(threading.Thread):
         fields.update(self.extra_status)
         self.last_status = fields
         sample = self._next_index - 1 if self._next_index else 0
-        ctx.publisher.publish("status", self._device_id, max(sample, 0),
+        ctx.publisher.publish("status", ctx.device_id, max(sample, 0),
                               self.clock.unix_time(max(sample, 0)), now, self._simulated,
                               fields)
 
