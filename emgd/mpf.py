@@ -27,6 +27,7 @@ import time
 import numpy as np
 from numba import njit
 
+from emgd.mpf_linalg import log_symmetric, log_workspace
 from emgd.mpf_reference import (
     FFT_HOP,
     HANDWRITING,
@@ -75,7 +76,7 @@ def _bin_bands() -> tuple[np.ndarray, np.ndarray]:
     return to_band, scale
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
 def _stft_products(ring, pos, basis, frame, spec, block_re, block_im):
     """STFT frame ending at phase sample ``pos``; add its lower-triangle X Xᴴ into a block."""
     for n in range(N_FFT):
@@ -94,25 +95,27 @@ def _stft_products(ring, pos, basis, frame, spec, block_re, block_im):
                 block_im[f, c, d] += bc * ad - ac * bd
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
 def _window_bands(m, blocks_re, blocks_im, hw, wr, to_band, scale, bands_hw, bands_wr):
     """Band matrices (lower triangle) of the windows ending with block m."""
     bands_hw[:] = 0.0
     bands_wr[:] = 0.0
     inv_hw = 1.0 / (W_HW * W_HW)
     inv_wr = 1.0 / (W_WR * W_WR)
+    s0 = m % N_BLOCKS
+    s1 = (m - 1) % N_BLOCKS
+    s2 = (m - 2) % N_BLOCKS
+    s3 = (m - 3) % N_BLOCKS
     old = (m - 4) % N_BLOCKS
     for f in range(N_BINS):
         b0 = to_band[f, 0]
         b1 = to_band[f, 1]
         for c in range(N_CH):
             for d in range(c + 1):
-                sre = 0.0
-                sim = 0.0
-                for j in range(4):
-                    s = (m - j) % N_BLOCKS
-                    sre += blocks_re[s, f, c, d]
-                    sim += blocks_im[s, f, c, d]
+                sre = (blocks_re[s0, f, c, d] + blocks_re[s1, f, c, d]
+                       + blocks_re[s2, f, c, d] + blocks_re[s3, f, c, d])
+                sim = (blocks_im[s0, f, c, d] + blocks_im[s1, f, c, d]
+                       + blocks_im[s2, f, c, d] + blocks_im[s3, f, c, d])
                 if hw:
                     p = (sre * sre + sim * sim) * inv_hw
                     bands_hw[b0, c, d] += p * scale[b0]
@@ -127,29 +130,24 @@ def _window_bands(m, blocks_re, blocks_im, hw, wr, to_band, scale, bands_hw, ban
                         bands_wr[b1, c, d] += p * scale[b1]
 
 
-@njit(nogil=True, cache=True)
-def _matrix_log(bands, sym, out):
-    """out[b] = V diag(log λ) Vᵀ of each band (lower triangle given); log λ := 0 for λ <= 0."""
+@njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
+def _matrix_log(bands, sym, logm, work, order, out):
+    """out[b] = float32 log of each band matrix (lower triangle given), in float64."""
     for b in range(N_BANDS):
         for c in range(N_CH):
             for d in range(c + 1):
                 sym[c, d] = bands[b, c, d]
                 sym[d, c] = bands[b, c, d]
-        lam, vec = np.linalg.eigh(sym)
-        for e in range(N_CH):
-            lam[e] = np.log(lam[e]) if lam[e] > 0.0 else 0.0
+        log_symmetric(sym, logm, work, order)
         for c in range(N_CH):
-            for d in range(c + 1):
-                acc = 0.0
-                for e in range(N_CH):
-                    acc += vec[c, e] * lam[e] * vec[d, e]
-                out[b, c, d] = acc
-                out[b, d, c] = acc
+            for d in range(N_CH):
+                out[b, c, d] = logm[c, d]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
 def _push(x, hw, wr, st, ring, basis, frame, spec, blocks_re, blocks_im, to_band, scale,
-          bands_hw, bands_wr, sym, out_hw, idx_hw, out_wr, idx_wr):
+          bands_hw, bands_wr, sym, logm, work, order, out_hw, idx_hw, out_wr,
+          idx_wr):
     """Feed samples ``x`` (n, 16) float32; frames go to out_*/idx_*, their counts to st."""
     st[N_HW] = 0
     st[N_WR] = 0
@@ -194,7 +192,7 @@ def _push(x, hw, wr, st, ring, basis, frame, spec, blocks_re, blocks_im, to_band
             k = st[N_HW]
             if k >= out_hw.shape[0]:
                 raise ValueError("MPF output capacity exceeded")
-            _matrix_log(bands_hw, sym, out_hw[k])
+            _matrix_log(bands_hw, sym, logm, work, order, out_hw[k])
             idx_hw[k] = here
             st[N_HW] = k + 1
             st[TOTAL_HW] += 1
@@ -202,7 +200,7 @@ def _push(x, hw, wr, st, ring, basis, frame, spec, blocks_re, blocks_im, to_band
             k = st[N_WR]
             if k >= out_wr.shape[0]:
                 raise ValueError("MPF output capacity exceeded")
-            _matrix_log(bands_wr, sym, out_wr[k])
+            _matrix_log(bands_wr, sym, logm, work, order, out_wr[k])
             idx_wr[k] = here
             st[N_WR] = k + 1
             st[TOTAL_WR] += 1
@@ -240,6 +238,8 @@ class MpfExtractor:
         self._bands_hw = np.zeros((N_BANDS, N_CH, N_CH))
         self._bands_wr = np.zeros((N_BANDS, N_CH, N_CH))
         self._sym = np.zeros((N_CH, N_CH))
+        self._logm = np.zeros((N_CH, N_CH))
+        self._work, self._order = log_workspace(N_CH)
         shape = (N_BANDS, N_CH, N_CH)
         self.out_hw = np.zeros((cap if handwriting else 0, *shape), dtype=np.float32)
         self.idx_hw = np.zeros(cap if handwriting else 0, dtype=np.int64)
@@ -259,8 +259,8 @@ class MpfExtractor:
         st = self._st
         _push(x, self.handwriting, self.wrist, st, self._ring, self._basis, self._frame,
               self._spec, self._blocks_re, self._blocks_im, self._to_band, self._scale,
-              self._bands_hw, self._bands_wr, self._sym, self.out_hw, self.idx_hw,
-              self.out_wrist, self.idx_wrist)
+              self._bands_hw, self._bands_wr, self._sym, self._logm, self._work,
+              self._order, self.out_hw, self.idx_hw, self.out_wrist, self.idx_wrist)
         if st[NONFINITE] and not self._warned_nonfinite:
             self._warned_nonfinite = True
             log.warning("non-finite EMG samples dropped and treated as a gap (counted in "
