@@ -97,37 +97,38 @@ def _stft_products(ring, pos, basis, frame, spec, block_re, block_im):
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
 def _window_bands(m, blocks_re, blocks_im, hw, wr, to_band, scale, bands_hw, bands_wr):
-    """Band matrices (lower triangle) of the windows ending with block m."""
+    """Band matrices of the windows ending with block m (full squares: contiguous, so the
+    inner loop vectorises; the blocks' upper triangles are zero and stay unused)."""
     bands_hw[:] = 0.0
     bands_wr[:] = 0.0
-    inv_hw = 1.0 / (W_HW * W_HW)
-    inv_wr = 1.0 / (W_WR * W_WR)
     s0 = m % N_BLOCKS
     s1 = (m - 1) % N_BLOCKS
     s2 = (m - 2) % N_BLOCKS
     s3 = (m - 3) % N_BLOCKS
-    old = (m - 4) % N_BLOCKS
+    s4 = (m - 4) % N_BLOCKS
     for f in range(N_BINS):
         b0 = to_band[f, 0]
-        b1 = to_band[f, 1]
+        b1 = to_band[f, 1] if to_band[f, 1] >= 0 else b0
+        w0 = scale[b0]
+        w1 = scale[b1] if to_band[f, 1] >= 0 else 0.0
+        w0_hw, w1_hw = w0 / (W_HW * W_HW), w1 / (W_HW * W_HW)
+        w0_wr, w1_wr = w0 / (W_WR * W_WR), w1 / (W_WR * W_WR)
         for c in range(N_CH):
-            for d in range(c + 1):
+            for d in range(N_CH):
                 sre = (blocks_re[s0, f, c, d] + blocks_re[s1, f, c, d]
                        + blocks_re[s2, f, c, d] + blocks_re[s3, f, c, d])
                 sim = (blocks_im[s0, f, c, d] + blocks_im[s1, f, c, d]
                        + blocks_im[s2, f, c, d] + blocks_im[s3, f, c, d])
                 if hw:
-                    p = (sre * sre + sim * sim) * inv_hw
-                    bands_hw[b0, c, d] += p * scale[b0]
-                    if b1 >= 0:
-                        bands_hw[b1, c, d] += p * scale[b1]
+                    p = sre * sre + sim * sim
+                    bands_hw[b0, c, d] += p * w0_hw
+                    bands_hw[b1, c, d] += p * w1_hw
                 if wr:
-                    sre += blocks_re[old, f, c, d]
-                    sim += blocks_im[old, f, c, d]
-                    p = (sre * sre + sim * sim) * inv_wr
-                    bands_wr[b0, c, d] += p * scale[b0]
-                    if b1 >= 0:
-                        bands_wr[b1, c, d] += p * scale[b1]
+                    sre += blocks_re[s4, f, c, d]
+                    sim += blocks_im[s4, f, c, d]
+                    p = sre * sre + sim * sim
+                    bands_wr[b0, c, d] += p * w0_wr
+                    bands_wr[b1, c, d] += p * w1_wr
 
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
