@@ -18,6 +18,8 @@ from typing import Any
 
 from emgd import SAMPLE_RATE
 from emgd.config import Settings
+from emgd.control import ControlServer
+from emgd.ctlcommands import control_handlers
 from emgd.errors import EmgdError
 from emgd.pipeline import NotifyingSink, Pipeline, RawStage, Stage
 from emgd.ringbuffer import RingBuffer
@@ -47,6 +49,7 @@ class Daemon:
         self.settings = settings
         self.device: Any = None
         self.pipeline: Pipeline | None = None
+        self.control: ControlServer | None = None
         self._stop: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -68,12 +71,18 @@ class Daemon:
             simulated=info.simulated,
             stats=lambda: dataclasses.asdict(self.device.stats()),
             pub_endpoint=self.settings.pub, pub_hwm=self.settings.pub_hwm, stages=stages,
-            status_interval_s=self.settings.status_interval_s)
+            status_interval_s=self.settings.status_interval_s,
+            pop_markers=self.device.pop_markers)
         self.pipeline.start()
         self.pipeline.ready.wait()
         if self.pipeline.error is not None:
             self.device.close()
             raise self.pipeline.error
+        try:
+            self.control = ControlServer(self.settings.ctl, control_handlers(self))
+        except EmgdError:
+            self.stop()
+            raise
         self.device.link_listener = lambda _state: self.pipeline.request_status()
         self.device.start(sink)
         log.info("emgd streaming from %s (%s) → %s%s", info.device_id, url,
@@ -86,6 +95,8 @@ class Daemon:
                 self.device.stop()
             finally:
                 self.device.close()
+        if self.control is not None:
+            self.control.close()
         if self.pipeline is not None and self.pipeline.is_alive():
             self.pipeline.stop()
             self.pipeline.join(STOP_TIMEOUT_S)
@@ -118,6 +129,7 @@ class Daemon:
         watchdog = ProgressWatchdog(notifier, lambda: pipeline.progress,
                                     expected=lambda: self.device.link == "up")
         wd_task = asyncio.create_task(watchdog.run(self._stop))
+        ctl_task = asyncio.create_task(self.control.serve(self._stop))
         try:
             while not self._stop.is_set():
                 try:
@@ -133,6 +145,7 @@ class Daemon:
         finally:
             self._stop.set()
             await wd_task
+            await ctl_task
         return 0
 
     def _print_status_line(self) -> None:

@@ -13,9 +13,11 @@ the gap is counted and published in ``status``.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,7 +90,8 @@ class Pipeline(threading.Thread):
 
     def __init__(self, *, sink: NotifyingSink, device_id: Callable[[], str], simulated: bool,
                  stats: Callable[[], dict[str, Any]], pub_endpoint: str, pub_hwm: int,
-                 stages: list[Stage], status_interval_s: float = 1.0) -> None:
+                 stages: list[Stage], status_interval_s: float = 1.0,
+                 pop_markers: Callable[[], list[Any]] | None = None) -> None:
         super().__init__(name="pipeline", daemon=True)
         self._sink = sink
         self._device_id = device_id
@@ -97,6 +100,7 @@ class Pipeline(threading.Thread):
         self._pub_endpoint = pub_endpoint
         self._pub_hwm = pub_hwm
         self._stages = stages
+        self._pop_markers = pop_markers
         self._status_interval_ns = int(status_interval_s * 1e9)
         self._stop_event = threading.Event()
         self._status_now = threading.Event()
@@ -111,11 +115,36 @@ class Pipeline(threading.Thread):
         self.gap_samples = 0
         self.overrun_samples = 0
         self.progress = 0  # increments whenever samples were processed (watchdog)
+        self.resets = 0
         self.last_status: dict[str, Any] = {}
         self.extra_status: dict[str, Any] = {}
         self._next_index: int | None = None
+        self._commands: queue.SimpleQueue[tuple[Callable[[PipelineContext], Any], Future]] = (
+            queue.SimpleQueue())
 
     # ------------------------------------------------------------------ control
+    def submit(self, fn: Callable[[PipelineContext], Any]) -> Future:
+        """Run ``fn(ctx)`` in the pipeline thread between two reads; a Future of its result."""
+        future: Future = Future()
+        self._commands.put((fn, future))
+        self._sink.wakeup.set()
+        return future
+
+    @property
+    def last_sample(self) -> int:
+        """Device index of the last sample processed (-1 before the first)."""
+        return -1 if self._next_index is None else self._next_index - 1
+
+    def publish_marker(self, ctx: PipelineContext, text: str, source: str) -> dict[str, Any]:
+        """Publish ``marker/<device>`` at the last processed sample (pipeline thread)."""
+        sample = max(self.last_sample, 0)
+        ctx.publish("marker", sample, time.monotonic_ns(), {"text": text, "source": source})
+        return {"sample": sample, "text": text}
+
+    def reset_stages(self, ctx: PipelineContext | None = None) -> None:
+        """Reset every stage's state (decoders, detectors) at the next sample."""
+        self.resets += 1
+        self._end_segment()
     def stop(self) -> None:
         self._stop_event.set()
         self._sink.wakeup.set()
@@ -165,14 +194,47 @@ class Pipeline(threading.Thread):
                 if res.n == 0:
                     break
                 self._consume(data[:res.n], index[:res.n], t_recv[:res.n], ctx)
+            self._run_commands(ctx)
             now = time.monotonic_ns()
             if now >= next_status or self._status_now.is_set():
                 self._status_now.clear()
+                self._band_markers(ctx)
                 self._publish_status(ctx, now)
                 next_status = now + self._status_interval_ns
             if stopping:
                 self._publish_status(ctx, time.monotonic_ns(), state="stopping")
+                self._fail_commands()
                 return
+
+    def _band_markers(self, ctx: PipelineContext) -> None:
+        """Publish MARKER frames the band sent (at most one status interval late)."""
+        if self._pop_markers is None:
+            return
+        for marker in self._pop_markers():
+            ctx.publish("marker", int(marker.counter), int(marker.t_recv_ns),
+                        {"text": marker.text, "source": "band"})
+
+    def _run_commands(self, ctx: PipelineContext) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(ctx))
+            except BaseException as exc:  # handed to the caller, never kills the loop
+                future.set_exception(exc)
+
+    def _fail_commands(self) -> None:
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the pipeline is stopping"))
 
     def _consume(self, data: np.ndarray, index: np.ndarray, t_recv: np.ndarray,
                  ctx: PipelineContext) -> None:
@@ -240,6 +302,7 @@ class Pipeline(threading.Thread):
             "drift_ppm": float(self.clock.drift_ppm),
             "device_stats": dev,
         }
+        fields["resets"] = self.resets
         for key in ("link", "battery", "frames", "crc_errors", "lost_samples"):
             if key in dev:
                 fields[key] = dev[key]

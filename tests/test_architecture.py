@@ -31,7 +31,13 @@ def imports_of(path: Path, module: str) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     found: set[str] = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    skip = set()
+    for node in ast.walk(tree):  # imports only for type checkers are not runtime edges
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

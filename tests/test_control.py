@@ -1,0 +1,101 @@
+"""The control socket end to end against a running daemon, malformed requests included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import msgpack
+import pytest
+import zmq
+
+from emgd.client import Subscriber
+from emgd.control import RequestError, parse_request, request
+
+
+def raw_request(endpoint: str, frames: list[bytes], timeout: float = 5.0) -> dict:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(frames)
+        assert sock.poll(int(timeout * 1000)), "no reply"
+        return msgpack.unpackb(sock.recv(), raw=False)
+    finally:
+        sock.close(linger=0)
+
+
+@pytest.fixture
+def daemon(run_daemon, endpoints):
+    pub, ctl = endpoints
+    with Subscriber(pub, topics=["status"]) as sub:
+        proc = run_daemon("--device", "sim", "--pub", pub, "--ctl", ctl, "--log-level", "info")
+        assert sub.recv(timeout=20) is not None, "daemon did not start"
+    yield proc, pub, ctl
+    rc, _, err = proc.terminate()
+    assert rc == 0, err
+
+
+def test_status_marker_reset(daemon):
+    proc, pub, ctl = daemon
+    reply = request(ctl, "status")
+    assert reply["ok"] is True
+    result = reply["result"]
+    assert result["device"]["device_id"] == "SIM-0000" and result["device"]["simulated"]
+    assert result["status"]["link"] == "up"
+
+    with Subscriber(pub, topics=["marker"]) as sub:
+        # the SUB socket needs a moment to join; markers are retried until one arrives
+        for _ in range(50):
+            reply = request(ctl, "marker", {"text": "block 2"})
+            assert reply["ok"], reply
+            event = sub.recv(timeout=0.2)
+            if event is not None:
+                break
+        assert event is not None and event["text"] == "block 2" and event["source"] == "ctl"
+        assert event.sample == reply["result"]["sample"]
+
+    first = request(ctl, "reset")["result"]["resets"]
+    assert request(ctl, "reset")["result"]["resets"] == first + 1
+
+
+@pytest.mark.parametrize("frames, fragment", [
+    ([b"\xc1"], "not msgpack"),
+    ([msgpack.packb([1, 2])], "msgpack map"),
+    ([msgpack.packb({"args": {}})], "'cmd'"),
+    ([msgpack.packb({"cmd": "launch"})], "unknown command 'launch'"),
+    ([msgpack.packb({"cmd": "marker", "args": {"text": 5}})], "must be str"),
+    ([msgpack.packb({"cmd": "marker", "args": {}})], "missing argument 'text'"),
+    ([msgpack.packb({"cmd": "status", "args": {"x": 1}})], "no arguments"),
+    ([msgpack.packb({"cmd": "status", "extra": 1})], "unknown request keys"),
+    ([b"a", b"b"], "one frame"),
+])
+def test_malformed_requests_get_error_replies(daemon, frames, fragment):
+    _, _, ctl = daemon
+    reply = raw_request(ctl, frames)
+    assert reply["ok"] is False and fragment in reply["error"]
+    assert request(ctl, "status")["ok"] is True  # still serving
+
+
+def test_emgd_ctl_command_line(daemon):
+    _, _, ctl = daemon
+    out = subprocess.run([sys.executable, "-m", "emgd", "ctl", "--ctl", ctl, "status"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "SIM-0000" in out.stdout and "link      up" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "emgd", "ctl", "--ctl", ctl, "frobnicate"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "unknown command" in out.stderr
+
+
+def test_ctl_without_daemon_times_out_clearly(endpoints):
+    _, ctl = endpoints
+    out = subprocess.run([sys.executable, "-m", "emgd", "ctl", "--ctl", ctl, "--timeout",
+                          "0.5", "status"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "no reply" in out.stderr
+
+
+def test_parse_request_unit():
+    assert parse_request([msgpack.packb({"cmd": "status"})]) == ("status", {})
+    with pytest.raises(RequestError):
+        parse_request([msgpack.packb({"cmd": "x", "args": []})])
