@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 N_CH = 16
 N_BINS = N_FFT // 2  # bins 1..32 (DC is never used)
+N_TRI = N_CH * (N_CH + 1) // 2  # packed lower triangle, row-major: (c, d <= c)
 N_BLOCKS = 5  # blocks of 4 STFT frames: the wrist window spans 5, handwriting 4
 W_HW = HANDWRITING.n_stft  # 16
 W_WR = WRIST.n_stft  # 20
@@ -88,17 +89,17 @@ def _stft_products(ring, pos, basis, frame, spec, block_re, block_im):
         for c in range(N_CH):
             ac = spec[f, c]
             bc = spec[N_BINS + f, c]
+            q0 = c * (c + 1) // 2
             for d in range(c + 1):
                 ad = spec[f, d]
                 bd = spec[N_BINS + f, d]
-                block_re[f, c, d] += ac * ad + bc * bd
-                block_im[f, c, d] += bc * ad - ac * bd
+                block_re[f, q0 + d] += ac * ad + bc * bd
+                block_im[f, q0 + d] += bc * ad - ac * bd
 
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
 def _window_bands(m, blocks_re, blocks_im, hw, wr, to_band, scale, bands_hw, bands_wr):
-    """Band matrices of the windows ending with block m (full squares: contiguous, so the
-    inner loop vectorises; the blocks' upper triangles are zero and stay unused)."""
+    """Packed band matrices (lower triangles) of the windows ending with block m."""
     bands_hw[:] = 0.0
     bands_wr[:] = 0.0
     s0 = m % N_BLOCKS
@@ -113,32 +114,33 @@ def _window_bands(m, blocks_re, blocks_im, hw, wr, to_band, scale, bands_hw, ban
         w1 = scale[b1] if to_band[f, 1] >= 0 else 0.0
         w0_hw, w1_hw = w0 / (W_HW * W_HW), w1 / (W_HW * W_HW)
         w0_wr, w1_wr = w0 / (W_WR * W_WR), w1 / (W_WR * W_WR)
-        for c in range(N_CH):
-            for d in range(N_CH):
-                sre = (blocks_re[s0, f, c, d] + blocks_re[s1, f, c, d]
-                       + blocks_re[s2, f, c, d] + blocks_re[s3, f, c, d])
-                sim = (blocks_im[s0, f, c, d] + blocks_im[s1, f, c, d]
-                       + blocks_im[s2, f, c, d] + blocks_im[s3, f, c, d])
-                if hw:
-                    p = sre * sre + sim * sim
-                    bands_hw[b0, c, d] += p * w0_hw
-                    bands_hw[b1, c, d] += p * w1_hw
-                if wr:
-                    sre += blocks_re[s4, f, c, d]
-                    sim += blocks_im[s4, f, c, d]
-                    p = sre * sre + sim * sim
-                    bands_wr[b0, c, d] += p * w0_wr
-                    bands_wr[b1, c, d] += p * w1_wr
+        for q in range(N_TRI):
+            sre = (blocks_re[s0, f, q] + blocks_re[s1, f, q]
+                   + blocks_re[s2, f, q] + blocks_re[s3, f, q])
+            sim = (blocks_im[s0, f, q] + blocks_im[s1, f, q]
+                   + blocks_im[s2, f, q] + blocks_im[s3, f, q])
+            if hw:
+                p = sre * sre + sim * sim
+                bands_hw[b0, q] += p * w0_hw
+                bands_hw[b1, q] += p * w1_hw
+            if wr:
+                sre += blocks_re[s4, f, q]
+                sim += blocks_im[s4, f, q]
+                p = sre * sre + sim * sim
+                bands_wr[b0, q] += p * w0_wr
+                bands_wr[b1, q] += p * w1_wr
 
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
 def _matrix_log(bands, sym, logm, work, order, out):
-    """out[b] = float32 log of each band matrix (lower triangle given), in float64."""
+    """out[b] = float32 log of each packed band matrix (lower triangle), in float64."""
     for b in range(N_BANDS):
+        q = 0
         for c in range(N_CH):
             for d in range(c + 1):
-                sym[c, d] = bands[b, c, d]
-                sym[d, c] = bands[b, c, d]
+                sym[c, d] = bands[b, q]
+                sym[d, c] = bands[b, q]
+                q += 1
         log_symmetric(sym, logm, work, order)
         for c in range(N_CH):
             for d in range(N_CH):
@@ -233,11 +235,11 @@ class MpfExtractor:
         self._basis = _dft_basis()
         self._frame = np.zeros((N_FFT, N_CH))
         self._spec = np.zeros((N_FFT, N_CH))
-        self._blocks_re = np.zeros((N_BLOCKS, N_BINS, N_CH, N_CH))
-        self._blocks_im = np.zeros((N_BLOCKS, N_BINS, N_CH, N_CH))
+        self._blocks_re = np.zeros((N_BLOCKS, N_BINS, N_TRI))
+        self._blocks_im = np.zeros((N_BLOCKS, N_BINS, N_TRI))
         self._to_band, self._scale = _bin_bands()
-        self._bands_hw = np.zeros((N_BANDS, N_CH, N_CH))
-        self._bands_wr = np.zeros((N_BANDS, N_CH, N_CH))
+        self._bands_hw = np.zeros((N_BANDS, N_TRI))
+        self._bands_wr = np.zeros((N_BANDS, N_TRI))
         self._sym = np.zeros((N_CH, N_CH))
         self._logm = np.zeros((N_CH, N_CH))
         self._work, self._order = log_workspace(N_CH)
