@@ -157,7 +157,12 @@ SCHEMES: dict[str, Scheme] = {
                   options=_SIM_OPTIONS),
     "serial": Scheme(
         "serial", "band on a serial port / USB CDC-ACM dongle", "required", "PORT",
-        (Option("baud", int, 2000000, "baud rate (int24 needs >= 2000000)", min=1),),
+        (
+            Option("baud", int, 2000000, "baud rate (int24 needs >= 2000000)", min=1),
+            Option("reconnect", bool, True, "reopen the port with backoff after it fails"),
+            Option("timeout", float, 5.0,
+                   "seconds to wait at start for the first frame; 0 = do not wait", min=0),
+        ),
     ),
     "ble": Scheme(
         "ble", "band over Bluetooth LE (first band found, or by name/address)", "optional",
@@ -174,8 +179,10 @@ SCHEMES: dict[str, Scheme] = {
             Option("loop", bool, False, "start again at the end"),
         ),
     ),
-    "auto": Scheme("auto", "look for a band over BLE, then serial; else the simulated band",
-                   "none"),
+    "auto": Scheme("auto", "look for a band (serial, virtual pty, BLE); else the simulated band",
+                   "none",
+                   options=(Option("timeout", float, 2.0, "seconds to scan for a BLE band",
+                                   min=0),)),
 }
 
 

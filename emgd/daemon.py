@@ -34,12 +34,22 @@ STOP_TIMEOUT_S = 1.5
 
 
 def resolve_device_url(url: str) -> str:
-    """``auto``: look for a band; none found → the simulated band, said loudly."""
-    if url != "auto":
+    """``auto`` (``auto?timeout=S``): look for a band (:mod:`emgd.drivers.discovery`);
+    none found → the simulated band, said loudly. Any other URL is returned unchanged."""
+    from emgd.drivers.urls import split_url
+
+    if split_url(url.strip())[0] != "auto":
         return url
-    log.warning("no band found (device auto): running on the SIMULATED band; every event "
-                "says simulated=true. Pass --device ble or --device serial:PATH for a real band.")
-    return "sim"
+    from emgd.drivers.discovery import resolve_auto
+
+    found = resolve_auto(url)
+    if not found.fallback:
+        log.info("device auto: %s → %s", found.reason, found.url)
+        return found.url
+    log.warning("%s (device auto): running on the SIMULATED band; every event "
+                "says simulated=true. Pass --device ble or --device serial:PATH for a real band.",
+                found.reason)
+    return found.url
 
 
 class Daemon:
