@@ -49,6 +49,17 @@ def signal(seconds: float, seed: int = 0) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def stats_us(samples_ns: list[int]) -> dict:
     a = np.asarray(samples_ns, dtype=np.float64) / 1e3
     return {"median_us": round(float(np.median(a)), 1),
@@ -120,7 +131,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure compile times")
     args = parser.parse_args()
     result: dict = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-                    "machine": {"cpu": platform.processor() or platform.machine(),
+                    "machine": {"cpu": cpu_model(),
                                 "cores": os.cpu_count(), "python": platform.python_version(),
                                 "numpy": np.__version__}}
     result["warmup_s"] = round(warmup(), 3)
