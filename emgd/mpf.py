@@ -5,14 +5,15 @@ the timing, the gap and non-finite policies and the measured costs. In short:
 
 - every 10 samples of a stream, one 16-channel windowed FFT (bins 1..32; float64, one small
   matrix product against a precomputed Hann-weighted DFT basis), shared by both settings;
-- its per-bin cross-spectral products ``X Xᴴ`` (lower triangle) are summed into the block of
+- its per-bin cross-spectral products ``X Xᴴ`` (packed lower triangle) are summed into the block of
   4 STFT frames it belongs to; a ring keeps the last 5 blocks;
 - every 40 samples (when STFT frame t with ``t % 4 == 3`` completes) the handwriting window
   (W = 16) is the sum of the newest 4 blocks and the wrist window (W = 20) that plus the one
   before: both windows end at the same STFT frame, so both settings emit at the same sample.
   Window sums are recomputed from the blocks each time (no running sum, so no drift);
-- per setting, six 16×16 band matrices in float64, ``np.linalg.eigh``, log λ := 0 for λ <= 0,
-  and float32 frames written into preallocated outputs.
+- per setting, six 16×16 band matrices in float64, their matrix log by the allocation-free
+  Householder + QL of `emgd.mpf_linalg` (log λ := 0 for λ <= 0), and float32 frames written
+  into preallocated outputs.
 
 Frame k of a setting covers stream samples ``[40k, 40k + L]`` (L = 213 handwriting, 253 wrist)
 and is emitted when sample ``40k + L`` arrives. ``reset()`` starts a new stream (new phase);
