@@ -5,8 +5,8 @@ the timing, the gap and non-finite policies and the measured costs. In short:
 
 - every 10 samples of a stream, one 16-channel windowed FFT (bins 1..32; float64, one small
   matrix product against a precomputed Hann-weighted DFT basis), shared by both settings;
-- its per-bin cross-spectral products ``X Xᴴ`` (packed lower triangle) are summed into the block of
-  4 STFT frames it belongs to; a ring keeps the last 5 blocks;
+- its per-bin cross-spectral products ``X Xᴴ`` (packed lower triangle) are summed into the
+  block of 4 STFT frames it belongs to; a ring keeps the last 5 blocks;
 - every 40 samples (when STFT frame t with ``t % 4 == 3`` completes) the handwriting window
   (W = 16) is the sum of the newest 4 blocks and the wrist window (W = 20) that plus the one
   before: both windows end at the same STFT frame, so both settings emit at the same sample.
