@@ -62,7 +62,7 @@ SETTINGS = (HANDWRITING, WRIST)
 
 
 def n_frames(n_samples: int, setting: MpfSetting) -> int:
-    """Frames produced from ``n_samples`` samples: ``floor((N - left_context - 1)/40) + 1``, >= 0."""
+    """Frames from ``n_samples`` samples: ``floor((N - left_context - 1)/40) + 1``, or 0."""
     span = setting.left_context + 1
     return 0 if n_samples < span else (n_samples - span) // MPF_STRIDE + 1
 
