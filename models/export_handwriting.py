@@ -176,6 +176,9 @@ def export_handwriting_step(net: HandwritingNet, path: str | PathLike[str]) -> P
     try:
         with warnings.catch_warnings():
             _silence_known_export_warnings()
+            # The attention scale sqrt(D / heads) is traced as a constant: shapes are static.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
+                                    module=r"emgd\.models\.torch_blocks")
             torch.onnx.export(
                 step,
                 args,
