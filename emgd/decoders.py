@@ -1,0 +1,433 @@
+"""Streaming decoders: one ONNX Runtime session plus the carried state, driven from a card.
+
+Each decoder owns its session and its state (STYLE habit 6): input goes in with
+``accept(...)``, ``ready()`` says whether a step would produce output, ``step()`` runs every
+whole step unit buffered and returns the new outputs, ``reset()`` starts a new segment (after
+a gap). The graph maps ``(x, *state) -> (y, [valid], *state_next)``; the card
+(:mod:`emgd.modelcard`, ``models/README.md``) says what x holds, how long a step unit is
+and which tensors are state. Carrying state is generic: after each call the dictionary of
+state arrays takes the ``<name>_next`` outputs (no copy).
+
+- :class:`GestureDecoder` (input kind ``emg``): raw µV samples ``(n, C)`` in; scale and the
+  card's causal high-pass applied on the way into a preallocated buffer; the first
+  ``input.prime.samples`` of a segment fill the ``prime`` state (the gesture network's
+  compressed 11-sample tail), after which every ``unit`` (10) samples are one output.
+  One ``step()`` runs all buffered units in one session call.
+- :class:`MpfDecoder` (``mpf``, the wrist network): MPF frames ``(k, 6, C, C)`` in, computed
+  once by the pipeline's extractor (:mod:`emgd.mpf`) and shared; one call per ``step()``.
+- :class:`HandwritingDecoder` (``mpf`` with a ``valid`` output, a fixed-size x): frames are
+  fed ``unit`` (2) at a time, an odd one waits; rows whose ``valid`` is false are dropped.
+
+Output ``j`` of a segment (counting only valid rows) ends at segment sample
+``card.output_sample(j) = left_context + hop·j``; ``step()`` returns the rows and the index
+of the first one.
+
+Input scale: ``network input = scale × µV``. For MPF decoders the scale cannot be applied to
+the shared EMG; it is applied to the frames instead, exactly: scaling EMG by a multiplies
+every band matrix by a⁴, so its matrix log gains ``4 ln a`` on the diagonal (eigenvalues
+<= 0, which MPF maps to log 0 := 0, are the one case this does not cover). The high-pass of
+an MPF card must be applied by whoever computes the shared MPF (:func:`mpf_highpass`).
+
+Sessions use one intra-op and one inter-op thread unless told otherwise; create decoders
+once, call :meth:`Decoder.warmup` before reporting ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from os import PathLike
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+from emgd.errors import ModelError
+from emgd.highpass import HighPass
+from emgd.modelcard import ModelCard, file_sha256, load_card
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
+              "tensor(bool)": "bool"}
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+DEFAULT_CAPACITY_S = 1.0  # buffered input a decoder holds between steps, in seconds of EMG
+
+
+class StepOutput(NamedTuple):
+    """New outputs of one ``step()``: ``values`` (k, n_labels) float32; ``first`` = segment
+    index of ``values[0]``. ``values`` may be reused by the next step: copy what you keep."""
+
+    values: np.ndarray
+    first: int
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_decoder(card_path: str | PathLike[str], *, threads: int = 1,
+                 optimization: str | None = None, capacity: int | None = None,
+                 verify: bool = True) -> Decoder:
+    """Load a card, check its file(s) and graph, and build the decoder its input kind needs.
+
+    ``capacity`` is the most input rows (samples or frames) held between steps. ``verify``
+    checks the ONNX file's sha256 against the card (turn off only for files you just built).
+    """
+    card = load_card(card_path)
+    session = open_session(card, threads=threads, optimization=optimization, verify=verify)
+    check_graph(card, session)
+    if card.input.kind == "emg":
+        return GestureDecoder(card, session, capacity)
+    if card.output.valid is not None:
+        return HandwritingDecoder(card, session, capacity)
+    return MpfDecoder(card, session, capacity)
+
+
+def open_session(card: ModelCard, *, threads: int = 1, optimization: str | None = None,
+                 verify: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for the card's graph (sha256 checked first)."""
+    path = card.onnx_path
+    files = [(path, card.model.sha256, "model.sha256")]
+    if card.data_path is not None:
+        files.append((card.data_path, card.model.data_sha256, "model.data_sha256"))
+    for file, expected, key in files:
+        if not file.is_file():
+            raise ModelError(f"model file {file} (named by {card.path}) does not exist")
+        if verify:
+            actual = file_sha256(file)
+            if actual != expected:
+                raise ModelError(
+                    f"{file}: sha256 {actual} does not match the card's {key} {expected} "
+                    f"({card.path}); the file was changed after it was imported: re-run "
+                    "'emgd models import' (or 'emgd models build-random') to regenerate both")
+    level = optimization or card.model.graph_optimization
+    if level not in _LEVELS:
+        raise ModelError(f"graph optimisation level {level!r} is not one of "
+                         f"{', '.join(_LEVELS)}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = _LEVELS[level]
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+
+
+def check_graph(card: ModelCard, session: ort.InferenceSession) -> None:
+    """Refuse a graph whose inputs/outputs do not match the card; the error names the tensor."""
+    where = f"{card.onnx_path} vs {card.path}"
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    states = {s.name: s for s in card.states}
+    expected_in = {"x", *states}
+    expected_out = {"y", *(f"{n}_next" for n in states)}
+    if card.output.valid is not None:
+        expected_out.add(card.output.valid)
+    for name in sorted(expected_in - inputs.keys()):
+        what = "x" if name == "x" else f"state {name!r} declared in the card"
+        raise ModelError(f"{where}: {what} is not an input of the graph "
+                         f"(inputs: {', '.join(inputs)})")
+    for name in sorted(inputs.keys() - expected_in):
+        raise ModelError(f"{where}: graph input {name!r} is not declared in the card's "
+                         "[[state]] tables")
+    for name in sorted(expected_out - outputs.keys()):
+        raise ModelError(f"{where}: tensor {name!r} is not an output of the graph "
+                         f"(outputs: {', '.join(outputs)})")
+    for name in sorted(outputs.keys() - expected_out):
+        raise ModelError(f"{where}: graph output {name!r} is not declared in the card")
+    for s in card.states:
+        for arg in (inputs[s.name], outputs[f"{s.name}_next"]):
+            _check_tensor(where, arg, s.dtype, s.shape, f"state {s.name!r}")
+    inp = card.input
+    x = inputs["x"]
+    time_dim = inp.unit if inp.fixed else None
+    _check_tensor(where, x, "float32", (1, time_dim, *inp.row_shape), "x")
+    if not inp.fixed and isinstance(x.shape[1], int):
+        raise ModelError(f"{where}: x has a fixed time length {x.shape[1]} but the card's "
+                         "input.fixed = false (set fixed = true and unit to match)")
+    y = outputs["y"]
+    _check_tensor(where, y, "float32", (1, None, len(card.output.labels)), "y")
+    if card.output.valid is not None:
+        _check_tensor(where, outputs[card.output.valid], "bool", (None,),
+                      f"valid output {card.output.valid!r}")
+
+
+def _check_tensor(where: str, arg: Any, dtype: str, shape: tuple[int | None, ...],
+                  what: str) -> None:
+    got_dtype = _ORT_TYPES.get(arg.type, arg.type)
+    if got_dtype != dtype:
+        raise ModelError(f"{where}: {what}: tensor {arg.name!r} has dtype {got_dtype}, the "
+                         f"card says {dtype}")
+    got = list(arg.shape)
+    bad = len(got) != len(shape) or any(
+        isinstance(g, int) and want is not None and g != want for g, want in zip(got, shape))
+    if bad:
+        want = tuple("?" if w is None else w for w in shape)
+        raise ModelError(f"{where}: {what}: tensor {arg.name!r} has shape {tuple(got)}, the "
+                         f"card says {want}")
+
+
+def mpf_highpass(cards: list[ModelCard]) -> tuple[float, int] | None:
+    """The one (cut-off Hz, order) the shared MPF input needs, or None; ModelError if the MPF
+    cards disagree (they share one extractor, so they must share its preprocessing)."""
+    wanted = {(c.input.highpass_hz, c.input.highpass_order if c.input.highpass_hz else 0)
+              for c in cards if c.input.kind == "mpf"}
+    if len(wanted) > 1:
+        names = ", ".join(f"{c.name} ({c.input.highpass_hz} Hz)" for c in cards
+                          if c.input.kind == "mpf")
+        raise ModelError(f"MPF decoders disagree on input.highpass_hz: {names}; they share "
+                         "one MPF extractor, so re-import them with the same --highpass")
+    hz, order = wanted.pop() if wanted else (0.0, 0)
+    return (hz, order) if hz else None
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+class Decoder:
+    """The shared machinery: an input buffer of rows, the state, and the session call.
+
+    Subclasses turn what ``accept`` receives into rows (:meth:`_append`).
+    """
+
+    def __init__(self, card: ModelCard, session: ort.InferenceSession,
+                 capacity: int | None = None) -> None:
+        self.card = card
+        self.session = session
+        inp = card.input
+        self.unit = inp.unit
+        rows_per_second = inp.sample_rate if inp.kind == "emg" else inp.sample_rate / 40.0
+        if capacity is None:
+            capacity = math.ceil(DEFAULT_CAPACITY_S * rows_per_second)
+        self.capacity = max(int(capacity), 0) + self.unit
+        self._buf = np.zeros((self.capacity, *inp.row_shape), dtype=np.float32)
+        self._n = 0  # rows buffered
+        self._initial = card.initial_state()
+        self.state: dict[str, np.ndarray] = {}
+        self._feeds: dict[str, np.ndarray] = {}
+        self._names = [s.name for s in card.states]
+        self._out_names = ["y", *(f"{n}_next" for n in self._names)]
+        self._valid = card.output.valid
+        if self._valid is not None:
+            self._out_names.insert(1, self._valid)
+        n_labels = len(card.output.labels)
+        self._rows = np.zeros((self.capacity if inp.fixed else 0, n_labels), dtype=np.float32)
+        self._empty = np.zeros((0, n_labels), dtype=np.float32)
+        self.emitted = 0  # outputs produced in this segment
+        self.steps = 0  # session calls since construction
+        self.reset()
+
+    # ------------------------------------------------------------------ public API
+
+    def accept(self, data: np.ndarray) -> None:
+        """Buffer new input (see the subclass); raises ValueError when it would overflow."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True when ``step()`` would run the network (a whole unit is buffered)."""
+        return self._n >= self.unit
+
+    def step(self) -> StepOutput:
+        """Run every whole unit buffered; returns the new output rows (possibly none)."""
+        units = self._n // self.unit
+        first = self.emitted
+        if units == 0:
+            return StepOutput(self._empty, first)
+        used = units * self.unit
+        if self.card.input.fixed:
+            values = self._run_fixed(units)
+        else:
+            values = self._run(self._buf[None, :used])[0][0]
+        rest = self._n - used
+        if rest:
+            self._buf[:rest] = self._buf[used:self._n]
+        self._n = rest
+        self.emitted += len(values)
+        return StepOutput(values, first)
+
+    def reset(self) -> None:
+        """Start a new segment: initial state, nothing buffered, output index 0."""
+        self.state = {k: v.copy() for k, v in self._initial.items()}
+        self._n = 0
+        self.emitted = 0
+
+    def warmup(self, units: int = 3) -> None:
+        """Run a few steps on zeros (first-call allocations, kernel set-up), then reset."""
+        self._warm_feed(units)
+        while self.ready():
+            self.step()
+        self.reset()
+
+    def output_sample(self, j: int) -> int:
+        """Segment-relative index of the last sample output ``j`` depends on."""
+        return self.card.output_sample(j)
+
+    @property
+    def buffered(self) -> int:
+        """Rows (samples or frames) accepted but not yet consumed by a step."""
+        return self._n
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        feeds = self._feeds
+        feeds["x"] = x
+        for name in self._names:
+            feeds[name] = self.state[name]
+        out = self.session.run(self._out_names, feeds)
+        self.steps += 1
+        base = 1 if self._valid is None else 2
+        for i, name in enumerate(self._names):
+            self.state[name] = out[base + i]
+        return out
+
+    def _run_fixed(self, units: int) -> np.ndarray:
+        """One call per unit (a graph with a fixed-size x); keep the rows marked valid."""
+        m = 0
+        for u in range(units):
+            x = self._buf[None, u * self.unit:(u + 1) * self.unit]
+            out = self._run(x)
+            y = out[0][0]
+            if self._valid is None:
+                keep = y
+            else:
+                keep = y[np.asarray(out[1], dtype=bool).reshape(-1)]
+            self._rows[m:m + len(keep)] = keep
+            m += len(keep)
+        return self._rows[:m]
+
+    def _append(self, rows: np.ndarray) -> None:
+        k = rows.shape[0]
+        if self._n + k > self.capacity:
+            raise ValueError(f"{self.card.name}: accepting {k} rows would overflow the "
+                             f"buffer ({self._n} of {self.capacity} used): call step() first "
+                             "or create the decoder with a larger capacity")
+        self._buf[self._n:self._n + k] = rows
+        self._n += k
+
+    def _warm_feed(self, units: int) -> None:
+        raise NotImplementedError
+
+
+class GestureDecoder(Decoder):
+    """Raw EMG in (µV), the gesture network's logits out (one row per 10 samples).
+
+    ``accept(samples)`` takes float32 (n, C) µV, applies ``input.scale`` and the card's
+    high-pass (state carried, reset with the decoder), primes the tail state with the first
+    ``input.prime.samples`` of the segment and buffers the rest. Output j covers segment
+    samples ``[hop·j, hop·j + left_context]``.
+    """
+
+    def __init__(self, card: ModelCard, session: ort.InferenceSession,
+                 capacity: int | None = None) -> None:
+        inp = card.input
+        self._scale = np.float32(inp.scale)
+        self._highpass = (HighPass(inp.highpass_hz, inp.sample_rate, inp.highpass_order,
+                                   inp.channels) if inp.highpass_hz else None)
+        self._prime = inp.prime
+        need = self._prime.samples if self._prime is not None else 0
+        self._prime_buf = np.zeros((need, inp.channels), dtype=np.float32)
+        self._primed = 0
+        cap = math.ceil(DEFAULT_CAPACITY_S * inp.sample_rate) if capacity is None else capacity
+        self._scratch = np.zeros((cap + inp.unit, inp.channels), dtype=np.float32)
+        super().__init__(card, session, capacity)
+
+    def accept(self, samples: np.ndarray) -> None:
+        """Buffer (n, C) float32 µV samples of the current segment."""
+        channels = self.card.input.channels
+        if samples.ndim != 2 or samples.shape[1] != channels:
+            raise ValueError(f"samples must have shape (n, {channels}), got {samples.shape}")
+        n = samples.shape[0]
+        pending = self._prime_buf.shape[0] - self._primed
+        if n - min(n, pending) + self._n > self.capacity:
+            raise ValueError(f"{self.card.name}: accepting {n} samples would overflow the "
+                             f"buffer ({self._n} of {self.capacity} used): call step() first "
+                             "or create the decoder with a larger capacity")
+        x = self._preprocess(samples)
+        if pending:
+            take = min(n, pending)
+            self._prime_buf[self._primed:self._primed + take] = x[:take]
+            self._primed += take
+            x = x[take:]
+            if self._primed == self._prime_buf.shape[0]:
+                self.state[self._prime.state] = self._prime.apply(self._prime_buf)[None]
+        if len(x):
+            self._append(x)
+
+    def reset(self) -> None:
+        super().reset()
+        self._primed = 0
+        if self._highpass is not None:
+            self._highpass.reset()
+
+    def _preprocess(self, samples: np.ndarray) -> np.ndarray:
+        if self._scale == 1.0 and self._highpass is None:
+            return samples if samples.dtype == np.float32 else samples.astype(np.float32)
+        out = self._scratch[:samples.shape[0]] if samples.shape[0] <= len(self._scratch) \
+            else np.empty(samples.shape, np.float32)
+        np.multiply(samples, self._scale, out=out, casting="unsafe")
+        if self._highpass is not None:
+            self._highpass.process(out, out=out)
+        return out
+
+    def _warm_feed(self, units: int) -> None:
+        self.accept(np.zeros((self._prime_buf.shape[0] + units * self.unit,
+                              self.card.input.channels), np.float32))
+
+
+class MpfDecoder(Decoder):
+    """MPF frames (k, 6, C, C) in, one network output row per ``unit`` frames.
+
+    Frame f of the segment is the f-th frame of the shared extractor since its last reset;
+    the frames must come from EMG filtered as the card's ``input.highpass_hz`` says
+    (:func:`mpf_highpass`). The card's scale is applied to the frames (module docstring).
+    """
+
+    def __init__(self, card: ModelCard, session: ort.InferenceSession,
+                 capacity: int | None = None) -> None:
+        self._shift = np.float32(4.0 * math.log(card.input.scale))
+        super().__init__(card, session, capacity)
+
+    def accept(self, frames: np.ndarray) -> None:
+        """Buffer (k, 6, C, C) float32 MPF frames of the current segment."""
+        shape = self.card.input.row_shape
+        if frames.ndim != 4 or frames.shape[1:] != shape:
+            raise ValueError(f"frames must have shape (k, {', '.join(map(str, shape))}), "
+                             f"got {frames.shape}")
+        start = self._n
+        self._append(frames)
+        if self._shift != 0.0:
+            c = shape[-1]
+            block = self._buf[start:self._n].reshape(-1, shape[0], c * c)
+            block[..., ::c + 1] += self._shift
+
+    def _warm_feed(self, units: int) -> None:
+        self.accept(np.zeros((units * self.unit, *self.card.input.row_shape), np.float32))
+
+
+class HandwritingDecoder(MpfDecoder):
+    """MPF frames in, CTC log-probabilities out, only on the calls the graph marks valid.
+
+    The graph takes ``unit`` (2) frames per call (one time-reduction pair; an odd frame waits
+    in the buffer) and says with its ``valid`` output whether ``y`` is an emission; emission
+    i of a segment ends at sample ``left_context + hop·i``.
+    """
+
+    def __init__(self, card: ModelCard, session: ort.InferenceSession,
+                 capacity: int | None = None) -> None:
+        if card.output.valid is None:
+            raise ModelError(f"{card.path}: a handwriting decoder needs output.valid")
+        super().__init__(card, session, capacity)
+
+
+__all__ = ["Decoder", "GestureDecoder", "MpfDecoder", "HandwritingDecoder", "StepOutput",
+           "load_decoder", "open_session", "check_graph", "mpf_highpass"]
+
