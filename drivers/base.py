@@ -16,6 +16,10 @@ Hooks, all optional except ``_run`` for thread-based backends:
 - ``_close_io()``: release the transport.
 - ``_start_io()`` / ``_stop_io()``: replace the thread altogether (e.g. an asyncio backend).
 
+A backend that makes samples itself instead of receiving protocol bytes (replay) calls
+:meth:`Device._write_block` with each contiguous block; the base class counts it and hands it
+to the sink, bypassing the protocol decoder.
+
 Thread safety: ``_on_bytes`` runs in one thread at a time (the device's); ``stats()``,
 ``info`` and ``pop_markers()`` may be called from any thread.
 """
@@ -109,6 +113,8 @@ class Device:
         self._battery: int | None = None
         self._scale: float | None = None
         self._link = "closed"
+        self._direct = [0, 0, 0]  # samples, gaps, lost samples written by _write_block
+        self._direct_next: int | None = None
         self._reconnects = 0
         self._last_error: str | None = None
         self._stop_event = threading.Event()
@@ -175,11 +181,13 @@ class Device:
     def stats(self) -> DeviceStats:
         with self._lock:
             s = self._decoder.stats
+            samples, gaps, lost = self._direct
             return DeviceStats(
                 link=self._link, frames=s.frames, crc_errors=s.crc_errors,
                 malformed=s.malformed + s.truncated, bytes_discarded=s.bytes_discarded,
-                gaps=s.gaps, lost_samples=s.lost_samples, counter_resets=s.counter_resets,
-                samples=s.samples, battery=self._battery, simulated=self._info.simulated,
+                gaps=s.gaps + gaps, lost_samples=s.lost_samples + lost,
+                counter_resets=s.counter_resets, samples=s.samples + samples,
+                battery=self._battery, simulated=self._info.simulated,
                 reconnects=self._reconnects, last_error=self._last_error,
             )
 
@@ -213,6 +221,22 @@ class Device:
             frames = self._decoder.feed(chunk)
         if frames:
             self._dispatch(frames, t_recv_ns)
+
+    def _write_block(self, data: np.ndarray, first_sample: int, t_recv_ns: int) -> None:
+        """Hand one contiguous EMG block (``(n, channels)`` µV, device indices
+        ``first_sample ...``) to the sink without the protocol decoder. For backends that
+        make samples themselves (replay). A forward jump in the index counts as a gap."""
+        n = int(data.shape[0])
+        with self._lock:
+            expected = self._direct_next
+            if expected is not None and first_sample > expected:
+                self._direct[1] += 1
+                self._direct[2] += first_sample - expected
+            self._direct[0] += n
+            self._direct_next = first_sample + n
+        sink = self._sink
+        if sink is not None:
+            sink.write(data, first_sample, t_recv_ns)
 
     def _end_of_stream(self) -> None:
         """A finite source ended: flush the decoder, mark the link closed."""

@@ -176,6 +176,9 @@ SCHEMES: dict[str, Scheme] = {
         "replay", "replay a recording (HDF5) as if it were a band", "required", "FILE",
         (
             Option("speed", float, 1.0, "playback speed; 0 = as fast as possible", min=0),
+            Option("start", float, 0.0, "first sample at this Unix time (s); 0 = file start",
+                   min=0),
+            Option("end", float, 0.0, "stop before this Unix time (s); 0 = file end", min=0),
             Option("loop", bool, False, "start again at the end"),
         ),
     ),
