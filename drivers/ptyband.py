@@ -20,7 +20,8 @@ Life of a band:
 - **Pause** (``pause``/``pause_every``): bytes are held, then sent in one burst.
 - **Stop** (:meth:`close`): send what is held and queued, then ``END_PADDING`` zero bytes
   (so a receiver resolves every frame candidate still pending in its decoder), wait until
-  the reader has taken every byte out of the pty (``DRAIN_S`` at most), close the master,
+  the reader has taken every byte out of the pty (its input queue stayed empty for
+  ``DRAIN_QUIET_S``; ``DRAIN_S`` at most), close the master,
   remove the link (if it still points here) and the announcement
   (:mod:`emgd.drivers.discovery`).
 
@@ -57,6 +58,7 @@ PACE_S = 0.002  # the loop's period: frames leave at most this late
 SETTLE_S = 0.2  # after a reader opens the port, before the first byte
 PENDING_MAX = 1 << 20  # bytes queued for a stalled reader before they are dropped
 DRAIN_S = 3.0  # at close, how long to wait for the reader to take the last bytes
+DRAIN_QUIET_S = 0.1  # ... once the slave's input queue stayed empty this long
 END_PADDING = MAX_FRAME  # zero bytes after the last frame (no sync in them)
 WRITE_CHUNK = 65536
 
@@ -264,8 +266,17 @@ class PtyBand:
             probe = os.open(self.path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
         except OSError:
             return
-        try:
-            while time.monotonic() < deadline and _queued(probe) > 0:
+        try:  # written bytes reach the slave's queue a little later (the tty flip
+            # buffer is pushed by a kernel worker): wait for the queue to stay empty
+            quiet_since = None
+            while time.monotonic() < deadline:
+                now = time.monotonic()
+                if _queued(probe) > 0:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= DRAIN_QUIET_S:
+                    break
                 time.sleep(PACE_S)
         finally:
             os.close(probe)
