@@ -335,7 +335,8 @@ def test_daemon_ready_status_watchdog_stopping(tmp_path):
         after = collect_until(
             rx, proc,
             lambda g: g.count("WATCHDOG=1") >= 3 and any(
-                a.startswith("STATUS=") and "rate=" in a for a in g),
+                a.startswith("STATUS=") and "rate=" in a
+                and float(a.split("rate=")[1].split("/")[0]) > 0 for a in g),
             timeout=60)
         status = [a for a in before + after if a.startswith("STATUS=") and "rate=" in a]
         assert any(float(s.split("rate=")[1].split("/")[0]) > 0 for s in status), status
