@@ -38,6 +38,14 @@ offline forward's count. The caller owns the pairing: MPF frames arrive one at a
 feeding :func:`handwriting_initial_state` again; the outputs are then those of a fresh offline
 pass starting at the reset frame (including the reference's per-pass warm-up).
 
+Design. One call per time-reduction frame is the finest granularity the network allows, so
+an emission is out on the call that delivers its last MPF frame (no added latency). The
+per-block caches are stacked into three tensors rather than 45 (fewer inputs to bind per
+call; blocks with a smaller window read the newest W-1 rows of the shared history). The
+attention caches hold post-LayerNorm *inputs*, not keys/values: the reference's key/value
+tokens mix all W time steps per token (``neuromotor-models.md`` §3.5), so they are rebuilt
+from the window on every call.
+
 Every call computes all blocks; a block that receives no input in this call (blocks after a
 stride-2 block run at 1/2 and 1/4 rate, and every block's output starts 7 input frames late)
 has its results discarded by ``Where`` on its validity flag, and its caches and counter are

@@ -144,6 +144,34 @@ def test_torch_step_matches_offline_float64():
     assert state["count"][:, 0].tolist() == seen
 
 
+def test_torch_step_generic_configuration():
+    """Mixed windows (a block reads the newest W-1 of the shared history) and strides."""
+    torch.manual_seed(1)
+    net = randomized(HandwritingNet(
+        num_channels=4, mlp_dim=8, dim=8, ffn_dim=16, num_heads=2, strides=(1, 2, 1, 2),
+        window_sizes=(4, 8, 2, 3), num_classes=5, num_adjacent_cov=2,
+    )).double()
+    k = 131
+    frames = mpf_like(k, channels=4, seed=2)
+    expected = offline(net, frames)
+    assert len(expected) == (k - net.emission_slice.start - 1) // net.emission_slice.step + 1
+    step = HandwritingStep(net)
+    state = {n: torch.from_numpy(v) for n, v in handwriting_initial_state(net).items()}
+    state = {n: v.double() if v.is_floating_point() else v for n, v in state.items()}
+    assert state["attn"].shape == (4, 1, 7, 8)
+    x = torch.from_numpy(frames)
+    emitted, ends = [], []
+    with torch.no_grad():
+        for u in range(k // 2):
+            y, valid, *nxt = step(x[:, 2 * u: 2 * u + 2], *(state[n] for n in STATE_NAMES))
+            state = dict(zip(STATE_NAMES, nxt))
+            if valid.item():
+                emitted.append(y[0, 0].numpy())
+                ends.append(2 * u + 1)
+    assert ends == list(range(k))[net.emission_slice][: len(ends)]
+    np.testing.assert_allclose(np.stack(emitted), expected, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("k", [492, 499, 500, 507, 508, 531])
 def test_emission_count_formula(net32, k):
     assert len(offline(net32, mpf_like(k).astype(np.float32))) == emission_count(k)
