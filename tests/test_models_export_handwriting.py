@@ -116,12 +116,27 @@ def exported(net32, tmp_path_factory):
     return path, session(path)
 
 
+def emg(n: int, channels: int = 16, seed: int = 0) -> np.ndarray:
+    """(1, C, n) float64: a broadband floor on every channel, channels of different amplitude."""
+    rng = np.random.default_rng(seed)
+    scale = 2.5 + 60.0 * rng.random((1, channels, 1))
+    return rng.standard_normal((1, channels, n)) * scale
+
+
 def test_torch_step_matches_offline_float64():
+    """From raw EMG: the offline forward against its MPF frames streamed through the step."""
     torch.manual_seed(0)
     net = randomized(HandwritingNet()).double()
-    frames = mpf_like(K_FRAMES)
-    expected = offline(net, frames)
+    n_samples = net.featurizer.left_context + 1 + 40 * (K_FRAMES - 1)
+    signal = torch.from_numpy(emg(n_samples))
+    with torch.no_grad():
+        features = net.featurizer(signal)  # (1, 6, C, C, K), computed once for both paths
+        mlp = net.rotation_invariant_mlp(features).transpose(1, 2)  # = net.mlp_frames(signal)
+        expected = net.conformer(mlp)[0].numpy()  # = net(signal)
+        frames = features.permute(0, 4, 1, 2, 3).numpy()  # (1, K, 6, C, C), per frame (F, C, C)
+    assert frames.shape[1] == K_FRAMES
     assert expected.shape == (emission_count(K_FRAMES), 100) == (17, 100)
+    assert len(expected) == (n_samples - 19854) // 320 + 1
 
     step = HandwritingStep(net)
     state = {k: torch.from_numpy(v) for k, v in handwriting_initial_state(net).items()}
