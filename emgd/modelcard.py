@@ -203,14 +203,14 @@ def parse_card(data: Mapping[str, Any], source: str = "<card>") -> ModelCard:
         name=r.name("name"),
         task=task,
         description=r.str("description", ""),
-        licence=r.str("licence"),
+        licence=r.nonempty("licence"),
         model=_model(r.table("model")),
         input=_input(r.table("input"), task),
         timing=_timing(r.table("timing")),
         output=_output(r.table("output")),
         states=tuple(_state(t) for t in r.tables("state")),
         events=_free(r.table("events", optional=True)),
-        provenance=_free(r.table("provenance"), scalars_only=True),
+        provenance=_provenance(r.table("provenance")),
         schema=schema,
     )
     r.done()
@@ -351,6 +351,11 @@ def _free(r: _Reader | None, scalars_only: bool = False) -> dict[str, Any]:
     return out
 
 
+def _provenance(r: _Reader) -> dict[str, Any]:
+    r.nonempty("source")
+    return _free(r, scalars_only=True)
+
+
 def _replace_path(card: ModelCard, path: Path) -> ModelCard:
     return dataclasses.replace(card, path=path)
 
@@ -378,6 +383,12 @@ class _Reader:
 
     def str(self, key: str, default: Any = ...) -> Any:
         return self._get(key, _REQUIRED if default is ... else default, (str,), "a string")
+
+    def nonempty(self, key: str) -> Any:
+        value = self.str(key)
+        if not value.strip():
+            raise self.error(key, "must not be empty")
+        return value
 
     def name(self, key: str, default: Any = ...) -> Any:
         value = self.str(key, default)
