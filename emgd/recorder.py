@@ -22,9 +22,14 @@ keeps the pages after the process dies; a power cut is not covered.
 Clean stop (:meth:`Recorder.stop`): reads the ring up to the last sample written when
 ``stop`` was called, appends it with every queued event, and closes the file.
 
-Errors: any error while writing (disk full: ``OSError: [Errno 28]``) ends the recording:
-the thread closes the file as far as it can, keeps the message in :attr:`Recorder.error`
-and returns; nothing else stops. The ring's writer never waits for any reader.
+Disk full and other errors end the recording, never the daemon: the message is kept in
+:attr:`Recorder.error` and the thread returns; the ring's writer never waits for any
+reader. A full disk must not reach HDF5 itself: with HDF5 2.0 / h5py 3.16, closing a file
+after a write failed with ENOSPC segfaults (measured; so does interpreter exit with the file
+still open). The recorder therefore keeps ``RESERVE_BYTES`` (4 MiB, about 25 s) allocated
+past HDF5's end of file with ``posix_fallocate`` and renews it before it runs low; when the
+renewal fails (:class:`DiskFull`) the file is closed properly inside the reserve, with
+``attrs["error"]`` set, and the unused reserve is truncated away.
 
 Files are created with mode 0600 (sEMG is biometric data): ``os.open(O_CREAT|O_EXCL|
 O_NOFOLLOW, 0o600)`` makes the inode, HDF5 then truncates that same file, and the recorder
@@ -41,6 +46,7 @@ time is final, i.e. equal to the ``t`` its events carry.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import math
 import os
@@ -75,10 +81,15 @@ FLUSH_INTERVAL_S = 0.5
 POLL_S = 0.02  # the thread reads the ring this often
 STAGE_ROWS = 16384  # rows read but not yet appended (written early when full)
 MAX_QUEUED = 65536  # events/markers waiting for the writer; more are counted and dropped
+RESERVE_BYTES = 4 << 20  # disk space kept allocated ahead of HDF5's end of file (~25 s)
 
 
 class RecordingError(EmgdError, OSError):
     """A recording could not be created (file exists, no permission, bad path)."""
+
+
+class DiskFull(RecordingError):
+    """No room for the next stretch of the recording (the reserve could not be renewed)."""
 
 
 class RecorderClock(Protocol):
@@ -139,11 +150,15 @@ class Recorder:
         """Create the file (errors raise here as :class:`RecordingError`) and start."""
         if self._thread is not None:
             raise RecordingError(f"{self.path}: recorder already started")
-        self._file = _create_file(self.path, self._overwrite)
+        self._file, self._fd = _create_file(self.path, self._overwrite)
+        self._reserved_to = 0
+        self._reserve = True
         try:
             self._layout(self._file)
+            self._ensure_room(self._file)
         except BaseException:
             self._file.close()
+            os.close(self._fd)
             raise
         self._reader = self._ring.reader(start=self._start)  # type: ignore[arg-type]
         self._thread = threading.Thread(target=self._main, name="recorder", daemon=True)
@@ -243,19 +258,53 @@ class Recorder:
         f = self._file
         assert f is not None
         try:
-            self._loop(f)
+            try:
+                self._loop(f)
+            except DiskFull as exc:  # the reserve still holds room: close the file properly
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.error("recording to %s stopped: %s", self.path, self.error)
+                f.attrs["error"] = self.error
             self._write_counts(f)
             f.attrs["closed_cleanly"] = True
             f.close()
+            self._trim()
             log.info("recording %s closed: %d samples, %d events", self.path, self.samples,
                      self.events)
-        except Exception as exc:  # disk full, I/O error, a bug: end the recording only
-            self.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # an I/O error inside HDF5, a bug: end the recording only
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
             log.error("recording to %s stopped: %s", self.path, self.error)
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001 - the first error is the one to report
-                log.debug("closing %s after an error failed too", self.path, exc_info=True)
+            # Not closed: with HDF5 2.0 / h5py 3.16, closing a file whose write failed with
+            # ENOSPC segfaults. The reserve makes that case unreachable; what is on disk
+            # stays readable up to the last flush.
+        finally:
+            os.close(self._fd)
+
+    def _ensure_room(self, f: h5py.File) -> None:
+        """Keep RESERVE_BYTES allocated past HDF5's end of file, so that HDF5's own writes
+        (including the metadata written by ``close``) never meet a full disk."""
+        if not self._reserve:
+            return
+        eoa = f.id.get_filesize()
+        if self._reserved_to - eoa >= RESERVE_BYTES // 2:
+            return
+        try:
+            os.posix_fallocate(self._fd, eoa, RESERVE_BYTES)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                log.warning("%s: the file system cannot reserve space; a full disk may "
+                            "corrupt the end of this recording", self.path)
+                self._reserve = False
+                return
+            raise DiskFull(f"{self.path}: {exc.strerror} (recording stopped with "
+                           f"{self._reserved_to - eoa} bytes of reserve left)") from exc
+        self._reserved_to = eoa + RESERVE_BYTES
+
+    def _trim(self) -> None:
+        """Give back the unused reserve after a clean close."""
+        with h5py.File(self.path, "r") as g:
+            eoa = g.id.get_filesize()
+        if os.fstat(self._fd).st_size > eoa:
+            os.ftruncate(self._fd, eoa)
 
     def _loop(self, f: h5py.File) -> None:
         stage = np.zeros(STAGE_ROWS, DATA_DTYPE)
@@ -274,6 +323,7 @@ class Recorder:
             now = time.monotonic_ns()
             if stopping or now >= next_flush:
                 self._append(f, final=stopping)
+                self._ensure_room(f)
                 self._write_queued(f)
                 self._write_info(f)
                 self._write_counts(f)
@@ -319,6 +369,7 @@ class Recorder:
         n = self._stamped
         if n == 0:
             return
+        self._ensure_room(f)
         data = f["data"]
         n0 = data.shape[0]
         data.resize((n0 + n,))
@@ -408,9 +459,10 @@ def _sample_and_t(payload: bytes) -> tuple[int, float]:
         return -1, math.nan
 
 
-def _create_file(path: str, overwrite: bool) -> h5py.File:
-    """An HDF5 file at ``path`` with mode 0600 from its creation (module docstring)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+def _create_file(path: str, overwrite: bool) -> tuple[h5py.File, int]:
+    """An HDF5 file at ``path`` with mode 0600 from its creation (module docstring), and
+    the recorder's own descriptor of it (for the disk reserve)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     flags |= os.O_TRUNC if overwrite else os.O_EXCL
     try:
         fd = os.open(path, flags, 0o600)
@@ -431,9 +483,10 @@ def _create_file(path: str, overwrite: bool) -> h5py.File:
             f.close()
             raise RecordingError(f"{path} was replaced while it was being created; not "
                                  "recording into a file of unknown permissions")
-        return f
-    finally:
+        return f, fd
+    except BaseException:
         os.close(fd)
+        raise
 
 
 __all__ = ["Recorder", "RecordingError", "DATA_DTYPE", "EVENT_DTYPE", "MARKER_DTYPE",
