@@ -270,7 +270,7 @@ class Recorder:
             self._trim()
             log.info("recording %s closed: %d samples, %d events", self.path, self.samples,
                      self.events)
-        except Exception as exc:  # an I/O error inside HDF5, a bug: end the recording only
+        except Exception as exc:  # noqa: BLE001 - HDF5 I/O error or bug: end the recording only
             self.error = self.error or f"{type(exc).__name__}: {exc}"
             log.error("recording to %s stopped: %s", self.path, self.error)
             # Not closed: with HDF5 2.0 / h5py 3.16, closing a file whose write failed with

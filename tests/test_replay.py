@@ -69,7 +69,7 @@ def test_start_end_select_rows_like_the_reference_partitions(session):
         t = f["data"]["time"]
     start, end = float(t[10_000]) - 1e-7, float(t[30_000]) - 1e-7
     lo, hi = np.searchsorted(t, [start, end])
-    dev, emg, index = replay_all(f"replay:{session}?speed=0&start={start!r}&end={end!r}")
+    _, _, index = replay_all(f"replay:{session}?speed=0&start={start!r}&end={end!r}")
     assert np.array_equal(index, np.arange(lo, hi))
     with pytest.raises(DeviceError, match="selects no samples"):
         replay_all(f"replay:{session}?speed=0&start={float(t[-1]) + 10!r}")
@@ -79,7 +79,7 @@ def test_paced_replay_follows_the_monotonic_clock(tmp_path):
     path = tmp_path / "short.h5"
     record_sim(path, 4000)  # 2 s
     t0 = time.monotonic()
-    _, emg, index = replay_all(f"replay:{path}?speed=8")  # 0.25 s
+    _, _, index = replay_all(f"replay:{path}?speed=8")  # 0.25 s
     elapsed = time.monotonic() - t0
     assert len(index) == 4000 and 0.2 <= elapsed < 2.0
 

@@ -1,0 +1,156 @@
+"""Record and replay through the daemon (`python -m emgd ... --record FILE`, `replay:FILE`).
+
+Activates once emgd/daemon.py sets ``RECORDING = True`` (the daemon wires the recorder and
+the replay time base). Ring: 30 s by default, so unpaced runs stay below 60,000 samples.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import h5py
+import numpy as np
+import pytest
+
+import emgd.daemon
+from emgd.client import Subscriber
+from emgd.drivers.protocol import SampleFormat
+from emgd.drivers.sim import COUNTER_CHANNEL, counter_codes, counter_modulus
+from emgd.events import unpack_event
+
+pytestmark = pytest.mark.skipif(not hasattr(emgd.daemon, "RECORDING"),
+                                reason="daemon not wired for recording yet")
+
+N = 40_000  # 20 s, less than the default ring
+TIMING = ("t_recv_ns", "t_pub_ns")
+
+
+def wait_until_processed(sub, n, timeout=60.0):
+    """Status messages until the pipeline has processed ``n`` samples; returns the last."""
+    last = None
+    for event in sub.events(timeout=timeout):
+        if event.kind == "status":
+            last = event
+            if event["samples"] >= n:
+                return event
+    raise AssertionError(f"pipeline did not reach {n} samples; last status: {last}")
+
+
+def stored_events(path):
+    """The recording's events, status excluded (its rates and latencies are host facts),
+    as comparable tuples."""
+    out = []
+    with h5py.File(path, "r") as f:
+        for row in f["events"][()]:
+            ev = unpack_event(row["topic"], bytes(row["payload"]))
+            if ev.kind == "status":
+                continue
+            fields = {k: v for k, v in ev.fields.items() if k not in TIMING}
+            out.append((ev.topic, ev.sample, ev.t, ev.simulated, sorted(fields.items())))
+    return out
+
+
+def record(run_daemon, endpoints, path, device, extra=()):
+    pub, ctl = endpoints
+    with Subscriber(pub, topics=["status"]) as sub:
+        daemon = run_daemon("--device", device, "--record", str(path), "--pub", pub,
+                            "--ctl", ctl, *extra)
+        wait_until_processed(sub, N)
+        rc, _, err = daemon.terminate()
+    assert rc == 0, err
+
+
+@pytest.fixture
+def recording(run_daemon, endpoints, tmp_path):
+    path = tmp_path / "session.h5"
+    record(run_daemon, endpoints, path, f"sim?paced=0&limit={N}&counter=1")
+    return path
+
+
+def test_record_flag_writes_every_sample_mode_0600(recording):
+    assert stat.S_IMODE(os.stat(recording).st_mode) == 0o600
+    with h5py.File(recording, "r") as f:
+        rows = f["data"][()]
+        assert bool(f.attrs["closed_cleanly"]) and f.attrs["device_id"] == "SIM-0000"
+    assert rows.shape == (N,)
+    assert np.array_equal(rows["sample_index"], np.arange(N))
+    codes = counter_codes(rows["emg"][:, COUNTER_CHANNEL], SampleFormat.INT24)
+    assert np.array_equal(codes, rows["sample_index"] % counter_modulus(SampleFormat.INT24))
+    assert np.all(np.diff(rows["time"]) >= 0)
+
+
+def test_replay_unpaced_gives_identical_samples_and_events(recording, run_daemon, endpoints,
+                                                           tmp_path):
+    pub, ctl = endpoints  # free again: the recording daemon has exited
+    again = tmp_path / "again.h5"
+    with Subscriber(pub, topics=["raw", "status"]) as sub:
+        daemon = run_daemon("--device", f"replay:{recording}?speed=0", "--record", str(again),
+                            "--raw", "--pub", pub, "--ctl", ctl)
+        raw = []
+        for event in sub.events(timeout=60):
+            if event.kind == "raw":
+                raw.append(event)
+            elif event.kind == "status" and event["samples"] >= N:
+                break
+        rc, _, err = daemon.terminate()
+    assert rc == 0, err
+    with h5py.File(recording, "r") as f1, h5py.File(again, "r") as f2:
+        a, b = f1["data"][()], f2["data"][()]
+        assert bool(f2.attrs["simulated"]) and f2.attrs["device_id"] == "SIM-0000"
+    assert np.array_equal(a["emg"], b["emg"])
+    assert np.array_equal(a["sample_index"], b["sample_index"])
+    assert np.array_equal(a["time"], b["time"])  # the replay kept the recording's time base
+    assert stored_events(again) == stored_events(recording)
+    assert raw, "no raw event arrived"
+    for event in raw:  # what the replay published: the recording's samples and times
+        k = event.sample
+        assert event.t == a["time"][k] and event.simulated
+        assert np.array_equal(event.array().reshape(-1, 16), a["emg"][k:k + event["n"]])
+
+
+def test_a_file_in_the_public_layout_replays_through_the_daemon(run_daemon, endpoints,
+                                                                tmp_path):
+    from test_replay import write_public_file
+
+    path = tmp_path / "discrete_gestures_user_002_dataset_000.hdf5"
+    rows, _ = write_public_file(path, n=20_000)
+    pub, ctl = endpoints
+    with Subscriber(pub, topics=["raw", "status"]) as sub:
+        daemon = run_daemon("--device", f"replay:{path}?speed=0", "--raw", "--pub", pub,
+                            "--ctl", ctl)
+        raw, status = [], None
+        for event in sub.events(timeout=60):
+            if event.kind == "raw":
+                raw.append(event)
+            elif event.kind == "status" and event["samples"] >= len(rows):
+                status = event
+                break
+        rc, _, err = daemon.terminate()
+    assert rc == 0, err
+    assert status is not None and status.simulated is False
+    assert status.device == "discrete_gestures_user_002_dataset_000"
+    for event in raw:
+        assert event.t == rows["time"][event.sample]
+
+
+def test_sigterm_keeps_every_sample_received(run_daemon, endpoints, tmp_path):
+    path = tmp_path / "paced.h5"
+    pub, ctl = endpoints
+    with Subscriber(pub, topics=["status"]) as sub:
+        daemon = run_daemon("--device", "sim?counter=1", "--record", str(path), "--pub", pub,
+                            "--ctl", ctl)
+        wait_until_processed(sub, 4000)
+        rc, _, err = daemon.terminate()
+        final = None
+        for event in sub.events(timeout=5):
+            if event.kind == "status" and event["state"] == "stopping":
+                final = event
+                break
+    assert rc == 0, err
+    with h5py.File(path, "r") as f:
+        rows = f["data"][()]
+    assert np.array_equal(rows["sample_index"], np.arange(len(rows)))
+    if final is not None:  # the pipeline's count after draining the ring
+        assert len(rows) == final["samples"]
+    assert len(rows) >= 4000
