@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emgd.drivers.urls import DeviceUrl, parse_url
+
 from emgd.errors import ConfigError, EmgdError
 
 log = logging.getLogger(__name__)

@@ -44,12 +44,13 @@ import threading
 import time
 import tty
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from emgd import SAMPLE_RATE
 from emgd.drivers import discovery
 from emgd.drivers.protocol import MAX_FRAME
 from emgd.drivers.sim import Injected, SimConfig, SimStream
+
+from emgd import SAMPLE_RATE
 from emgd.errors import ConfigError, DeviceError
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class PtyBand:
             discovery.withdraw(self._entry)
             self._entry = None
 
-    def __enter__(self) -> PtyBand:
+    def __enter__(self) -> Self:
         self.open()
         return self
 

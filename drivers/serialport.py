@@ -44,10 +44,10 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import serial
-from serial.tools import list_ports
-
 from emgd.drivers.base import Device
 from emgd.drivers.urls import SCHEMES, DeviceUrl, parse_url
+from serial.tools import list_ports
+
 from emgd.errors import (
     DeviceBusy,
     DeviceError,
@@ -196,8 +196,8 @@ def find_band_ports(known: Mapping[tuple[int, int], str] = KNOWN_USB_IDS,
     found = []
     for p in list_ports.comports() if ports is None else ports:
         vid, pid = getattr(p, "vid", None), getattr(p, "pid", None)
-        if (vid, pid) in known:
-            found.append(PortInfo(p.device, vid, pid, known[(vid, pid)]))  # type: ignore[attr-defined]
+        if vid is not None and pid is not None and (vid, pid) in known:
+            found.append(PortInfo(str(getattr(p, "device", "")), vid, pid, known[(vid, pid)]))
     return sorted(found)
 
 

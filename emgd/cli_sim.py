@@ -133,4 +133,4 @@ def _say(*lines: str) -> None:
         os.close(devnull)
 
 
-__all__ = ["register", "cmd_sim", "sim_config"]
+__all__ = ["cmd_sim", "register", "sim_config"]

@@ -16,20 +16,20 @@ import threading
 import types
 
 import pytest
-
-from emgd.daemon import resolve_device_url
 from emgd.drivers import discovery, serialport
 from emgd.drivers.discovery import (
     Found,
     announce,
     announced_bands,
-    ble_bands,
     bands_dir,
+    ble_bands,
     resolve_auto,
     system_bus_reachable,
     withdraw,
 )
 from emgd.drivers.urls import SCHEMES
+
+from emgd.daemon import resolve_device_url
 from emgd.errors import ConfigError, DeviceError, MissingDependency
 
 
@@ -198,8 +198,10 @@ def test_no_system_bus_means_no_ble_search(fake_ble):
 @pytest.mark.parametrize("result, urls", [
     (["EMG-1234"], ["ble:EMG-1234"]),
     (["ble:AA:BB:CC:DD:EE:FF"], ["ble:AA:BB:CC:DD:EE:FF"]),
-    ([types.SimpleNamespace(address="AA:BB:CC:DD:EE:01", name="EMG-9")], ["ble:AA:BB:CC:DD:EE:01"]),
-    ([types.SimpleNamespace(url="ble:EMG-7?adapter=hci0", name="EMG-7")], ["ble:EMG-7?adapter=hci0"]),
+    ([types.SimpleNamespace(address="AA:BB:CC:DD:EE:01", name="EMG-9")],
+     ["ble:AA:BB:CC:DD:EE:01"]),
+    ([types.SimpleNamespace(url="ble:EMG-7?adapter=hci0", name="EMG-7")],
+     ["ble:EMG-7?adapter=hci0"]),
     ([], []),
     (None, []),
 ])

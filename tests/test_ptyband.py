@@ -15,16 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from emgd import SAMPLE_RATE
+from conftest import wait_for
 from emgd.drivers import discovery
+from emgd.drivers.protocol import SampleFormat
 from emgd.drivers.ptyband import SETTLE_S, PtyBand
 from emgd.drivers.registry import open_device
 from emgd.drivers.sim import COUNTER_CHANNEL, SimConfig, counter_codes, counter_modulus
-from emgd.drivers.protocol import SampleFormat
-
-from conftest import wait_for
 from test_serialport import Sink
+
+from emgd import SAMPLE_RATE
 
 WAIT_S = 30.0
 
@@ -245,12 +244,12 @@ def test_cli_prints_the_path_and_cleans_up_on_a_signal(tmp_path, runtime_dir, si
 ])
 def test_cli_usage_errors_exit_2(args, fragment):
     proc = start_cli(*args)
-    out, err = proc.communicate(timeout=WAIT_S)
+    _, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 2 and fragment in err
 
 
 def test_announcement_is_listed_by_discovery_while_the_band_runs(bands, tmp_path):
-    bt = bands(SimConfig(serial="SIM-0007"), str(tmp_path / "band"))
+    bands(SimConfig(serial="SIM-0007"), str(tmp_path / "band"))
     found = discovery.announced_bands()
     assert [f.url for f in found] == [f"serial:{tmp_path / 'band'}"]
     assert "SIM-0007" in found[0].description

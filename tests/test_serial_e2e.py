@@ -19,10 +19,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from emgd.client import Subscriber
 from emgd.drivers.protocol import SampleFormat
 from emgd.drivers.sim import COUNTER_CHANNEL, counter_codes, counter_modulus
+
+from emgd.client import Subscriber
 
 WAIT_S = 60.0
 

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import serial
-
+from conftest import wait_for
 from emgd.drivers import serialport
 from emgd.drivers.protocol import SampleFormat, encode_emg
 from emgd.drivers.registry import open_device
 from emgd.drivers.serialport import KNOWN_USB_IDS, SerialDevice, find_band_ports
 from emgd.drivers.sim import COUNTER_CHANNEL, SimConfig, SimStream, counter_codes, counter_modulus
 from emgd.drivers.urls import SCHEMES, parse_url
+
 from emgd.errors import (
     ConfigError,
     DeviceBusy,
@@ -33,8 +34,6 @@ from emgd.errors import (
     DevicePermission,
     DeviceTimeout,
 )
-
-from conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 30.0
