@@ -194,13 +194,13 @@ def _print_card(card: Any, path: Path) -> None:
         ("about", card.description),
         ("licence", card.licence),
         ("graph", f"{card.onnx_path} sha256 {card.model.sha256[:16]}…"),
-        ("input", f"{kind}, {inp.unit} rows per step{' (fixed)' if inp.fixed else ''}, "
-                  f"{inp.channels} channels"),
-        ("scale", f"network input = {inp.scale:g} × {inp.units}"
-                  + (f"  ({inp.scale_note})" if inp.scale_note else "")),
+        ("input", (f"{kind}, {inp.unit} rows per step{' (fixed)' if inp.fixed else ''}, "
+                   f"{inp.channels} channels")),
+        ("scale", (f"network input = {inp.scale:g} × {inp.units}"
+                   + (f"  ({inp.scale_note})" if inp.scale_note else ""))),
         ("high-pass", hp),
-        ("timing", f"hop {t.hop} samples, left context {t.left_context}, "
-                   f"{t.output_rate_hz:g} Hz"),
+        ("timing", (f"hop {t.hop} samples, left context {t.left_context}, "
+                    f"{t.output_rate_hz:g} Hz")),
         ("output", f"{o.kind}: {labels}" + (f"; blank {o.blank}" if o.blank is not None else "")),
         ("state", ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in card.states)),
         ("events", ", ".join(f"{k}={v}" for k, v in card.events.items()) or "-"),

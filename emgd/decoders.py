@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from os import PathLike
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -92,7 +93,7 @@ def open_session(card: ModelCard, *, threads: int = 1, optimization: str | None 
                  verify: bool = True) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for the card's graph (sha256 checked first)."""
     path = card.onnx_path
-    files = [(path, card.model.sha256, "model.sha256")]
+    files: list[tuple[Path, str | None, str]] = [(path, card.model.sha256, "model.sha256")]
     if card.data_path is not None:
         files.append((card.data_path, card.model.data_sha256, "model.data_sha256"))
     for file, expected, key in files:
@@ -357,7 +358,7 @@ class GestureDecoder(Decoder):
             self._prime_buf[self._primed:self._primed + take] = x[:take]
             self._primed += take
             x = x[take:]
-            if self._primed == self._prime_buf.shape[0]:
+            if self._primed == self._prime_buf.shape[0] and self._prime is not None:
                 self.state[self._prime.state] = self._prime.apply(self._prime_buf)[None]
         if len(x):
             self._append(x)
@@ -428,6 +429,6 @@ class HandwritingDecoder(MpfDecoder):
         super().__init__(card, session, capacity)
 
 
-__all__ = ["Decoder", "GestureDecoder", "MpfDecoder", "HandwritingDecoder", "StepOutput",
-           "load_decoder", "open_session", "check_graph", "mpf_highpass"]
+__all__ = ["Decoder", "GestureDecoder", "HandwritingDecoder", "MpfDecoder", "StepOutput",
+           "check_graph", "load_decoder", "mpf_highpass", "open_session"]
 

@@ -74,9 +74,10 @@ class Prime:
     def apply(self, samples: np.ndarray) -> np.ndarray:
         """The state value (float32) for the first ``samples`` (n, C) of a segment."""
         s = samples.astype(np.float32)
-        if self.transform == "reinhard":
-            s = np.float32(self.range) * s / (np.float32(self.midpoint) + np.abs(s))
-        return s.astype(np.float32)
+        if self.transform != "reinhard":
+            return s
+        out = np.float32(self.range) * s / (np.float32(self.midpoint) + np.abs(s))
+        return np.asarray(out, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ def load_card(path: str | PathLike[str]) -> ModelCard:
 def parse_card(data: Mapping[str, Any], source: str = "<card>") -> ModelCard:
     """Validate a card's TOML tables; errors name ``source`` and the offending key."""
     r = _Reader(data, source, "")
-    schema = r.int("schema", minimum=1)
+    schema = r.integer("schema", minimum=1)
     if schema != SCHEMA:
         raise ModelError(f"{source}: schema = {schema} is not supported (this emgd reads "
                          f"schema {SCHEMA}); upgrade emgd or re-run 'emgd models import'")
@@ -202,7 +203,7 @@ def parse_card(data: Mapping[str, Any], source: str = "<card>") -> ModelCard:
     card = ModelCard(
         name=r.name("name"),
         task=task,
-        description=r.str("description", ""),
+        description=r.text("description", ""),
         licence=r.nonempty("licence"),
         model=_model(r.table("model")),
         input=_input(r.table("input"), task),
@@ -220,12 +221,12 @@ def parse_card(data: Mapping[str, Any], source: str = "<card>") -> ModelCard:
 
 def _model(r: _Reader) -> ModelFile:
     m = ModelFile(
-        file=r.str("file"),
+        file=r.text("file"),
         sha256=r.sha256("sha256"),
-        data_file=r.str("data_file", None),
+        data_file=r.text("data_file", None),
         data_sha256=r.sha256("data_sha256", None),
         graph_optimization=r.choice("graph_optimization", OPTIMIZATION_LEVELS, "all"),
-        opset=r.int("opset", None, minimum=1),
+        opset=r.integer("opset", None, minimum=1),
     )
     r.done()
     if (m.data_file is None) != (m.data_sha256 is None):
@@ -241,16 +242,16 @@ def _input(r: _Reader, task: str) -> InputSpec:
     prime_table = r.table("prime", optional=True)
     spec = InputSpec(
         kind=kind,
-        unit=r.int("unit", minimum=1),
-        fixed=r.bool("fixed", False),
-        channels=r.int("channels", 16, minimum=1),
-        sample_rate=r.float("sample_rate", 2000.0, positive=True),
-        units=r.str("units", "uV"),
-        scale=r.float("scale", 1.0, positive=True),
-        scale_note=r.str("scale_note", ""),
-        highpass_hz=r.float("highpass_hz", 0.0, minimum=0.0),
-        highpass_order=r.int("highpass_order", 4, minimum=2),
-        mpf_window=r.int("mpf_window", None, minimum=1),
+        unit=r.integer("unit", minimum=1),
+        fixed=r.flag("fixed", False),
+        channels=r.integer("channels", 16, minimum=1),
+        sample_rate=r.number("sample_rate", 2000.0, positive=True),
+        units=r.text("units", "uV"),
+        scale=r.number("scale", 1.0, positive=True),
+        scale_note=r.text("scale_note", ""),
+        highpass_hz=r.number("highpass_hz", 0.0, minimum=0.0),
+        highpass_order=r.integer("highpass_order", 4, minimum=2),
+        mpf_window=r.integer("mpf_window", None, minimum=1),
         prime=_prime(prime_table) if prime_table is not None else None,
     )
     r.done()
@@ -273,24 +274,24 @@ def _input(r: _Reader, task: str) -> InputSpec:
 
 
 def _prime(r: _Reader) -> Prime:
-    p = Prime(state=r.name("state"), samples=r.int("samples", minimum=1),
+    p = Prime(state=r.name("state"), samples=r.integer("samples", minimum=1),
               transform=r.choice("transform", PRIME_TRANSFORMS, "none"),
-              range=r.float("range", 64.0), midpoint=r.float("midpoint", 32.0, positive=True))
+              range=r.number("range", 64.0), midpoint=r.number("midpoint", 32.0, positive=True))
     r.done()
     return p
 
 
 def _timing(r: _Reader) -> Timing:
-    t = Timing(hop=r.int("hop", minimum=1), left_context=r.int("left_context", minimum=0),
-               output_rate_hz=r.float("output_rate_hz", positive=True))
+    t = Timing(hop=r.integer("hop", minimum=1), left_context=r.integer("left_context", minimum=0),
+               output_rate_hz=r.number("output_rate_hz", positive=True))
     r.done()
     return t
 
 
 def _output(r: _Reader) -> OutputSpec:
     o = OutputSpec(kind=r.choice("kind", OUTPUT_KINDS), labels=r.str_list("labels"),
-                   blank=r.int("blank", None, minimum=0), valid=r.name("valid", None),
-                   units=r.str("units", ""))
+                   blank=r.integer("blank", None, minimum=0), valid=r.name("valid", None),
+                   units=r.text("units", ""))
     r.done()
     if not o.labels:
         raise r.error("labels", "needs at least one label")
@@ -303,7 +304,7 @@ def _output(r: _Reader) -> OutputSpec:
 
 def _state(r: _Reader) -> StateSpec:
     s = StateSpec(name=r.name("name"), shape=r.shape("shape"),
-                  dtype=r.choice("dtype", tuple(DTYPES), "float32"), init=r.float("init", 0.0))
+                  dtype=r.choice("dtype", tuple(DTYPES), "float32"), init=r.number("init", 0.0))
     r.done()
     if s.name in RESERVED_NAMES or s.name.endswith("_next"):
         raise r.error("name", f"{s.name!r} is reserved (x, y and *_next are not state names)")
@@ -381,31 +382,31 @@ class _Reader:
             raise self.error(key, f"must be {what}, got {type(value).__name__} {value!r}")
         return value
 
-    def str(self, key: str, default: Any = ...) -> Any:
+    def text(self, key: str, default: Any = ...) -> Any:
         return self._get(key, _REQUIRED if default is ... else default, (str,), "a string")
 
     def nonempty(self, key: str) -> Any:
-        value = self.str(key)
+        value = self.text(key)
         if not value.strip():
             raise self.error(key, "must not be empty")
         return value
 
     def name(self, key: str, default: Any = ...) -> Any:
-        value = self.str(key, default)
+        value = self.text(key, default)
         if value is not None and not _NAME.fullmatch(value):
             raise self.error(key, f"{value!r} is not a valid name (letters, digits, _ . -)")
         return value
 
-    def bool(self, key: str, default: Any = ...) -> Any:
+    def flag(self, key: str, default: Any = ...) -> Any:
         return self._get(key, _REQUIRED if default is ... else default, (bool,), "true or false")
 
-    def int(self, key: str, default: Any = ..., minimum: int | None = None) -> Any:
+    def integer(self, key: str, default: Any = ..., minimum: int | None = None) -> Any:
         value = self._get(key, _REQUIRED if default is ... else default, (int,), "an integer")
         if value is not None and minimum is not None and value < minimum:
             raise self.error(key, f"must be >= {minimum}, got {value}")
         return value
 
-    def float(self, key: str, default: Any = ..., positive: bool = False,
+    def number(self, key: str, default: Any = ..., positive: bool = False,
               minimum: float | None = None) -> Any:
         value = self._get(key, _REQUIRED if default is ... else default, (int, float), "a number")
         if value is None:
@@ -420,13 +421,13 @@ class _Reader:
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> Any:
-        value = self.str(key, default)
+        value = self.text(key, default)
         if value is not None and value not in choices:
             raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
         return value
 
     def sha256(self, key: str, default: Any = ...) -> Any:
-        value = self.str(key, default)
+        value = self.text(key, default)
         if value is not None and not _SHA256.fullmatch(value):
             raise self.error(key, "must be 64 lower-case hex digits")
         return value

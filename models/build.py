@@ -67,10 +67,10 @@ SCALE_NOTE_CHECKPOINT = (
     "change it.")
 SCALE_NOTE_RANDOM = "random weights: the scale has no meaning beyond matching the test data"
 
-SMALL = {
-    "discrete_gestures": dict(conv_channels=32, lstm_hidden=24, lstm_layers=2),
-    "wrist": dict(hidden_dims=(32,), lstm_hidden=24, lstm_layers=2),
-    "handwriting": dict(mlp_dim=16, dim=16, ffn_dim=32, num_heads=2),
+SMALL: dict[str, dict[str, Any]] = {
+    "discrete_gestures": {"conv_channels": 32, "lstm_hidden": 24, "lstm_layers": 2},
+    "wrist": {"hidden_dims": (32,), "lstm_hidden": 24, "lstm_layers": 2},
+    "handwriting": {"mlp_dim": 16, "dim": 16, "ffn_dim": 32, "num_heads": 2},
 }
 NETS: dict[str, Callable[..., nn.Module]] = {
     "discrete_gestures": DiscreteGesturesNet,
@@ -129,8 +129,9 @@ def build_models(
     if checkpoint is not None:
         if tasks is not None and len(tasks) != 1:
             raise ModelError("a checkpoint holds one task; pass at most one task")
-        imported = import_checkpoint(checkpoint, tasks[0] if tasks else None)
-        jobs = [(imported.task, _from_checkpoint(imported, checkpoint))]
+        hint: Any = tasks[0] if tasks else None  # import_checkpoint rejects unknown tasks
+        imported = import_checkpoint(checkpoint, hint)
+        jobs: list[tuple[str, _Source]] = [(imported.task, _from_checkpoint(imported, checkpoint))]
     else:
         chosen = list(TASKS) if tasks is None else list(tasks)
         for task in chosen:
@@ -164,7 +165,7 @@ def build_models(
 
 @dataclass
 class _Source:
-    net: nn.Module
+    net: Any  # one of the torchnets networks
     licence: str
     provenance: dict[str, Any]
     scale_note: str
@@ -237,7 +238,7 @@ def _build_one(tmp: Path, task: str, source: _Source, scale: float, highpass_hz:
         raise ModelError(f"{task}: the exporter wrote external data; expected one file")
     provenance = {
         **source.provenance,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "emgd_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "exporter": f"torch.onnx legacy exporter, opset {export.OPSET}",

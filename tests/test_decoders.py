@@ -331,12 +331,12 @@ def test_toy_carries_state(toy):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(states=(StateSpec("accu", (1, 1)),)), "'accu'"),
-    (dict(states=(StateSpec("acc", (1, 2)),)), r"state 'acc'.*shape"),
-    (dict(states=(StateSpec("acc", (1, 1), "int64"),)), r"state 'acc'.*dtype"),
-    (dict(states=()), "graph input 'acc'"),
-    (dict(output=OutputSpec(kind="value", labels=("a", "b"))), r"tensor 'y'.*shape"),
-    (dict(output=OutputSpec(kind="value", labels=("v",), valid="valid")), "'valid'"),
+    ({"states": (StateSpec("accu", (1, 1)),)}, "'accu'"),
+    ({"states": (StateSpec("acc", (1, 2)),)}, r"state 'acc'.*shape"),
+    ({"states": (StateSpec("acc", (1, 1), "int64"),)}, r"state 'acc'.*dtype"),
+    ({"states": ()}, "graph input 'acc'"),
+    ({"output": OutputSpec(kind="value", labels=("a", "b"))}, r"tensor 'y'.*shape"),
+    ({"output": OutputSpec(kind="value", labels=("v",), valid="valid")}, "'valid'"),
 ])
 def test_graph_mismatch_names_the_tensor(toy, change, match):
     tmp_path, card = toy
