@@ -166,6 +166,33 @@ def test_auto_picks_an_announced_virtual_band(band, run_daemon, endpoints, env, 
     assert f"serial:{tmp_path / 'band'}" in err and "SIMULATED" not in err
 
 
+def test_daemon_survives_the_port_going_away_and_coming_back(band, run_daemon, endpoints,
+                                                             env, tmp_path):
+    link = str(tmp_path / "band")
+    first = band("--link", link, "--serial", "SIM-0001")
+    pub, ctl = endpoints
+
+    def wait_status(sub: Subscriber, predicate):
+        for event in sub.events(timeout=WAIT_S):
+            if event.kind == "status" and predicate(event):
+                return event
+        raise AssertionError("no such status arrived")
+
+    with Subscriber(pub, topics=["status"]) as sub:
+        daemon = run_daemon("--device", f"serial:{link}", "--pub", pub, "--ctl", ctl,
+                            "--log-level", "info", env=env)
+        wait_status(sub, lambda e: e["samples"] >= 2000)
+        first.stop()  # unplugged: the pty and its link disappear
+        lost = wait_status(sub, lambda e: e["link"] == "lost")
+        band("--link", link, "--serial", "SIM-0001")  # plugged in again (a new tty)
+        back = wait_status(sub, lambda e: e["link"] == "up" and e["samples"] > lost["samples"])
+        rc, _, err = daemon.terminate()
+    assert rc == 0, err
+    assert back["device_stats"]["reconnects"] == 1
+    assert back["device_stats"]["counter_resets"] == 1  # the new band counts from 0 again
+    assert "link lost" in err and "reconnecting" in err
+
+
 # --------------------------------------------------------------------------- errors
 
 
