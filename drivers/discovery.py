@@ -85,14 +85,23 @@ def bands_dir() -> Path:
 
 
 def _safe_dir(path: Path, create: bool) -> bool:
-    """Whether ``path`` (and the folder above it, for the /tmp default) is ours to use."""
+    """Whether ``path`` and the folder above it (``emgd`` or ``emgd-<uid>``) are ours:
+    folders, owned by this user, writable by nobody else."""
     if create:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+        os.makedirs(path.parent.parent, mode=0o700, exist_ok=True)  # $XDG_RUNTIME_DIR, /tmp
+    for folder in (path.parent, path):
+        if create:
+            try:
+                os.mkdir(folder, 0o700)
+            except FileExistsError:
+                pass
+        try:
+            st = os.lstat(folder)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return False
+    return True
 
 
 def _entry_name(serial: str) -> str:
