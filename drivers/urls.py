@@ -165,11 +165,15 @@ SCHEMES: dict[str, Scheme] = {
         ),
     ),
     "ble": Scheme(
-        "ble", "band over Bluetooth LE (first band found, or by name/address)", "optional",
-        "NAME-OR-ADDRESS",
+        "ble", "band over Bluetooth LE (first band found, or by name/address/serial)",
+        "optional", "NAME-OR-ADDRESS",
         (
             Option("adapter", str, "", "host adapter, e.g. hci0 (empty = system default)"),
             Option("timeout", float, 10.0, "seconds to scan for the band", min=0),
+            Option("reconnect", bool, True,
+                   "after link loss, reconnect with backoff (0 = stay lost)"),
+            Option("format", str, "int24", "sample format to ask the band for",
+                   choices=("int16", "int24")),
         ),
     ),
     "replay": Scheme(

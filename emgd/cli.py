@@ -49,6 +49,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctl", help="control REP endpoint (default: tcp://127.0.0.1:7401)")
     p.add_argument("--raw", action="store_true", default=None,
                    help="also publish raw EMG blocks on raw/<device>")
+    p.add_argument("--record", metavar="FILE",
+                   help="record EMG, markers and events to an HDF5 file (docs/recording.md)")
     p.add_argument("--config", "-c", metavar="FILE",
                    help="TOML config file (default: $EMGD_CONFIG if set)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -102,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from emgd.daemon import Daemon
 
     overrides: dict[str, Any] = {}
-    for key in ("device", "pub", "ctl", "raw", "log_level"):
+    for key in ("device", "pub", "ctl", "raw", "log_level", "record"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value

@@ -57,6 +57,8 @@ class Settings:
     switch_interval_ms: float = 0.5
     #: ZeroMQ send high-water mark of the PUB socket (messages per subscriber).
     pub_hwm: int = 10000
+    #: Record to this HDF5 file from the start ("" = do not record; see docs/recording.md).
+    record: str = ""
 
     def __post_init__(self) -> None:
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level,

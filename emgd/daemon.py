@@ -27,6 +27,8 @@ from emgd.sdnotify import Notifier, ProgressWatchdog, format_status
 
 #: The daemon speaks sd_notify (READY, STATUS, WATCHDOG, STOPPING); tests check for this.
 SD_NOTIFY = True
+#: The daemon records (--record, emgd ctl record) and replays with the recording's time base.
+RECORDING = True
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ class Daemon:
         self.device: Any = None
         self.pipeline: Pipeline | None = None
         self.control: ControlServer | None = None
+        self.sink: NotifyingSink | None = None
+        self.recorder: Any = None
+        self._last_recording: dict[str, Any] | None = None
         self._stop: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -76,13 +81,17 @@ class Daemon:
         if self.settings.raw:
             stages.append(RawStage())
         fallback_id = _fallback_id(url)
+        recorded_clock = getattr(self.device, "recorded_clock", None)
+        self.sink = sink
         self.pipeline = Pipeline(
             sink=sink, device_id=lambda: self.device.info.device_id or fallback_id,
             simulated=info.simulated,
             stats=lambda: dataclasses.asdict(self.device.stats()),
             pub_endpoint=self.settings.pub, pub_hwm=self.settings.pub_hwm, stages=stages,
             status_interval_s=self.settings.status_interval_s,
-            pop_markers=self.device.pop_markers)
+            pop_markers=self.device.pop_markers,
+            clock=recorded_clock() if recorded_clock is not None else None)
+        self.pipeline.status_sources["recording"] = self.recording_status
         self.pipeline.start()
         self.pipeline.ready.wait()
         if self.pipeline.error is not None:
@@ -94,6 +103,12 @@ class Daemon:
             self.stop()
             raise
         self.device.link_listener = lambda _state: self.pipeline.request_status()
+        if self.settings.record:
+            try:
+                self.start_recording(self.settings.record, start="oldest")
+            except EmgdError:
+                self.stop()
+                raise
         self.device.start(sink)
         log.info("emgd streaming from %s (%s) → %s%s", info.device_id, url,
                  self.pipeline.endpoint, " [SIMULATED]" if info.simulated else "")
@@ -112,6 +127,51 @@ class Daemon:
             self.pipeline.join(STOP_TIMEOUT_S)
             if self.pipeline.is_alive():
                 log.error("pipeline did not stop within %.1f s", STOP_TIMEOUT_S)
+        self.stop_recording()  # after the pipeline: its last events reach the file
+
+    # ------------------------------------------------------------------ recording
+    def start_recording(self, path: str, start: str = "now") -> dict[str, Any]:
+        """Start writing the ring (and every published event) to an HDF5 file."""
+        from emgd.recorder import Recorder
+
+        if self.recorder is not None and self.recorder.running:
+            raise EmgdError(f"already recording to {self.recorder.path}; stop it first")
+        assert self.pipeline is not None and self.sink is not None
+        pipeline = self.pipeline
+        rec = Recorder(path, self.sink.ring, pipeline.clock, lambda: self.device.info,
+                       start=start, clock_horizon=lambda: pipeline.clock_index)
+        rec.start()
+        self.recorder = rec
+        self.sink.lag_sources.append(rec.lag)
+        pipeline.event_tap = rec.add_event
+        pipeline.marker_sink = rec.add_marker
+        pipeline.request_status()
+        log.info("recording to %s", path)
+        return {"path": str(path)}
+
+    def stop_recording(self) -> dict[str, Any] | None:
+        """Stop the recording (every sample received so far is written). Idempotent."""
+        rec = self.recorder
+        if rec is None:
+            return None
+        if self.pipeline is not None:
+            self.pipeline.event_tap = None
+            self.pipeline.marker_sink = None
+        rec.stop()
+        if self.sink is not None and rec.lag in self.sink.lag_sources:
+            self.sink.lag_sources.remove(rec.lag)
+        self.recorder = None
+        self._last_recording = rec.status()
+        if self.pipeline is not None:
+            self.pipeline.request_status()
+        log.info("recording stopped: %s", rec.path)
+        return self._last_recording
+
+    def recording_status(self) -> dict[str, Any] | None:
+        rec = self.recorder
+        if rec is not None:
+            return rec.status()
+        return self._last_recording
 
     # ------------------------------------------------------------------ main loop
     def run(self, status_line: bool) -> int:

@@ -39,6 +39,14 @@ class NotifyingSink:
     def __init__(self, ring: RingBuffer) -> None:
         self.ring = ring
         self.wakeup = threading.Event()
+        #: lag() of every reader that must not be lapped (pipeline, recorder): an unpaced
+        #: source (replay) waits on free() instead of overrunning them
+        self.lag_sources: list[Callable[[], int]] = []
+
+    def free(self) -> int:
+        """Samples that can be written before the slowest watched reader is lapped."""
+        lags = [lag() for lag in list(self.lag_sources)]
+        return self.ring.capacity - (max(lags) if lags else 0)
 
     def write(self, data: np.ndarray, first_sample: int, t_recv_ns: int) -> None:
         self.ring.write(data, first_sample, t_recv_ns)
@@ -91,7 +99,8 @@ class Pipeline(threading.Thread):
     def __init__(self, *, sink: NotifyingSink, device_id: Callable[[], str], simulated: bool,
                  stats: Callable[[], dict[str, Any]], pub_endpoint: str, pub_hwm: int,
                  stages: list[Stage], status_interval_s: float = 1.0,
-                 pop_markers: Callable[[], list[Any]] | None = None) -> None:
+                 pop_markers: Callable[[], list[Any]] | None = None,
+                 clock: Any = None) -> None:
         super().__init__(name="pipeline", daemon=True)
         self._sink = sink
         self._device_id = device_id
@@ -107,7 +116,14 @@ class Pipeline(threading.Thread):
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.endpoint: str | None = None
-        self.clock = ClockMap(rate=float(SAMPLE_RATE))
+        #: device index → time; a replay passes the recording's own time base
+        self.clock = clock if clock is not None else ClockMap(rate=float(SAMPLE_RATE))
+        #: one past the last index the clock has been updated with (recorder horizon)
+        self.clock_index: int | None = None
+        #: called with (topic, payload) for every published message (the recorder)
+        self.event_tap: Callable[[bytes, bytes], None] | None = None
+        #: called with (text, sample) for every marker (the recorder)
+        self.marker_sink: Callable[[str, int], None] | None = None
         # counters, written by this thread only, read by anyone
         self.samples = 0
         self.segments = 0
@@ -118,6 +134,8 @@ class Pipeline(threading.Thread):
         self.resets = 0
         self.last_status: dict[str, Any] = {}
         self.extra_status: dict[str, Any] = {}
+        #: key → callable evaluated at every status message (e.g. the recorder's state)
+        self.status_sources: dict[str, Callable[[], Any]] = {}
         self._next_index: int | None = None
         self._commands: queue.SimpleQueue[tuple[Callable[[PipelineContext], Any], Future]] = (
             queue.SimpleQueue())
@@ -139,6 +157,8 @@ class Pipeline(threading.Thread):
         """Publish ``marker/<device>`` at the last processed sample (pipeline thread)."""
         sample = max(self.last_sample, 0)
         ctx.publish("marker", sample, time.monotonic_ns(), {"text": text, "source": source})
+        if self.marker_sink is not None:
+            self.marker_sink(text, sample)
         return {"sample": sample, "text": text}
 
     def reset_stages(self, ctx: PipelineContext | None = None) -> None:
@@ -163,6 +183,7 @@ class Pipeline(threading.Thread):
             self.ready.set()
             return
         self.endpoint = publisher.endpoint
+        publisher.tap = self._tap
         ctx = PipelineContext(self._device_id(), self._simulated, self.clock, publisher)
         self._ctx = ctx
         self.ready.set()
@@ -176,6 +197,7 @@ class Pipeline(threading.Thread):
 
     def _loop(self, ctx: PipelineContext) -> None:
         reader = self._reader = self._sink.ring.reader(start="oldest")
+        self._sink.lag_sources.append(reader.lag)
         data = np.empty((READ_BLOCK, N_CHANNELS), dtype=np.float32)
         index = np.empty(READ_BLOCK, dtype=np.int64)
         t_recv = np.empty(READ_BLOCK, dtype=np.int64)
@@ -213,6 +235,8 @@ class Pipeline(threading.Thread):
         for marker in self._pop_markers():
             ctx.publish("marker", int(marker.counter), int(marker.t_recv_ns),
                         {"text": marker.text, "source": "band"})
+            if self.marker_sink is not None:
+                self.marker_sink(marker.text, int(marker.counter))
 
     def _run_commands(self, ctx: PipelineContext) -> None:
         while True:
@@ -253,9 +277,15 @@ class Pipeline(threading.Thread):
             self._run_stages(data, index, t_recv, ctx)
         self._next_index = int(index[-1]) + 1
 
+    def _tap(self, topic: bytes, payload: bytes) -> None:
+        tap = self.event_tap
+        if tap is not None:
+            tap(topic, payload)
+
     def _run_stages(self, data: np.ndarray, index: np.ndarray, t_recv: np.ndarray,
                     ctx: PipelineContext) -> None:
         self.clock.update(int(index[0]), int(index.shape[0]), int(t_recv[-1]))
+        self.clock_index = int(index[-1]) + 1
         for stage in self._stages:
             stage.process(data, index, t_recv, ctx)
         self.samples += int(index.shape[0])
@@ -307,6 +337,8 @@ class Pipeline(threading.Thread):
             if key in dev:
                 fields[key] = dev[key]
         fields.update(self.extra_status)
+        for key, source in list(self.status_sources.items()):
+            fields[key] = source()
         self.last_status = fields
         sample = self._next_index - 1 if self._next_index else 0
         ctx.publisher.publish("status", ctx.device_id, max(sample, 0),

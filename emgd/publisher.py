@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -40,6 +41,8 @@ class Publisher:
         self._seq: dict[bytes, int] = {}
         self.sent = 0
         self.dropped = 0
+        #: called with (topic, payload) after each message is packed (e.g. the recorder)
+        self.tap: Callable[[bytes, bytes], None] | None = None
 
     def publish(self, kind: str, device: str, sample: int, t: float, t_recv_ns: int,
                 simulated: bool, fields: dict[str, Any]) -> bool:
@@ -49,6 +52,8 @@ class Publisher:
         self._seq[topic] = seq + 1
         payload = self._packer.pack(
             (seq, device, sample, t, t_recv_ns, time.monotonic_ns(), simulated), fields)
+        if self.tap is not None:
+            self.tap(topic, payload)
         try:
             self._sock.send_multipart((topic, payload), flags=zmq.NOBLOCK, copy=True)
         except zmq.Again:

@@ -201,6 +201,11 @@ class Recorder:
             return
         self._markers.append((str(text), None if sample is None else int(sample)))
 
+    def lag(self) -> int:
+        """Samples in the ring this recorder has not read yet (0 before start / after stop)."""
+        reader = getattr(self, "_reader", None)
+        return reader.lag() if reader is not None and self.running else 0
+
     def status(self) -> dict[str, Any]:
         """For the daemon's ``status`` message."""
         return {"recording": self.running, "path": self.path, "samples": self.samples,

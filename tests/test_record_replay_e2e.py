@@ -84,15 +84,10 @@ def test_replay_unpaced_gives_identical_samples_and_events(recording, run_daemon
                                                            tmp_path):
     pub, ctl = endpoints  # free again: the recording daemon has exited
     again = tmp_path / "again.h5"
-    with Subscriber(pub, topics=["raw", "status"]) as sub:
+    with Subscriber(pub, topics=["status"]) as sub:
         daemon = run_daemon("--device", f"replay:{recording}?speed=0", "--record", str(again),
-                            "--raw", "--pub", pub, "--ctl", ctl)
-        raw = []
-        for event in sub.events(timeout=60):
-            if event.kind == "raw":
-                raw.append(event)
-            elif event.kind == "status" and event["samples"] >= N:
-                break
+                            "--pub", pub, "--ctl", ctl)
+        wait_until_processed(sub, N)
         rc, _, err = daemon.terminate()
     assert rc == 0, err
     with h5py.File(recording, "r") as f1, h5py.File(again, "r") as f2:
@@ -102,6 +97,24 @@ def test_replay_unpaced_gives_identical_samples_and_events(recording, run_daemon
     assert np.array_equal(a["sample_index"], b["sample_index"])
     assert np.array_equal(a["time"], b["time"])  # the replay kept the recording's time base
     assert stored_events(again) == stored_events(recording)
+
+
+def test_replay_publishes_the_recordings_samples_and_times(recording, run_daemon, endpoints):
+    """Paced fast enough to finish quickly, slow enough for a subscriber to see it."""
+    pub, ctl = endpoints
+    with h5py.File(recording, "r") as f:
+        a = f["data"][()]
+    with Subscriber(pub, topics=["raw", "status"]) as sub:
+        daemon = run_daemon("--device", f"replay:{recording}?speed=10", "--raw",
+                            "--pub", pub, "--ctl", ctl)
+        raw = []
+        for event in sub.events(timeout=60):
+            if event.kind == "raw":
+                raw.append(event)
+            elif event.kind == "status" and event["samples"] >= N:
+                break
+        rc, _, err = daemon.terminate()
+    assert rc == 0, err
     assert raw, "no raw event arrived"
     for event in raw:  # what the replay published: the recording's samples and times
         k = event.sample
