@@ -17,6 +17,9 @@ commands:
   status                 the daemon's device, link, rates, losses and latency
   marker TEXT            publish a marker (marker/<device>) and write it to the recording
   reset                  reset decoder and detector state at the next sample
+  record start [FILE]    start recording to FILE (default: emgd-DATE-TIME.h5 in the
+                         daemon's working directory); see docs/recording.md
+  record stop            stop recording (every sample received so far is in the file)
 
 examples:
   emgd ctl status
@@ -34,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"control endpoint (default: $EMGD_CTL or {DEFAULT_CTL})")
     p.add_argument("--json", action="store_true", help="print the raw reply as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
-    p.add_argument("command", help="status, marker, reset")
+    p.add_argument("command", help="status, marker, reset, record")
     p.add_argument("args", nargs="*", help="the command's arguments")
     p.set_defaults(func=cmd_ctl)
 
@@ -46,6 +49,12 @@ def build_request(command: str, args: list[str]) -> tuple[str, dict[str, Any]]:
         if not args:
             raise ConfigError("usage: emgd ctl marker TEXT")
         return "marker", {"text": " ".join(args)}
+    if command == "record":
+        if args[:1] == ["start"] and len(args) <= 2:
+            return "record", {"action": "start", "path": args[1] if len(args) == 2 else ""}
+        if args == ["stop"]:
+            return "record", {"action": "stop"}
+        raise ConfigError("usage: emgd ctl record start [FILE] | emgd ctl record stop")
     if command in ("status", "reset"):
         if args:
             raise ConfigError(f"'emgd ctl {command}' takes no arguments")

@@ -47,7 +47,35 @@ def control_handlers(daemon: Daemon) -> dict[str, Callable[[dict[str, Any]], Awa
         await _in_pipeline(daemon, pipeline.reset_stages)
         return {"resets": pipeline.resets}
 
-    return {"status": status, "marker": marker, "reset": reset}
+    async def record(args: dict[str, Any]) -> dict[str, Any] | None:
+        action = require(args, "action", str)
+        if action == "start":
+            path = require(args, "path", str, default="")
+            if not path:
+                path = default_recording_path()
+            return await asyncio.to_thread(daemon.start_recording, path)
+        if action == "stop":
+            _only(args, {"action"})
+            result = await asyncio.to_thread(daemon.stop_recording)
+            if result is None:
+                raise RequestError("not recording")
+            return result
+        raise RequestError(f"record action must be 'start' or 'stop', not {action!r}")
+
+    return {"status": status, "marker": marker, "reset": reset, "record": record}
+
+
+def default_recording_path() -> str:
+    """``emgd-YYYYmmdd-HHMMSS.h5`` in the working directory (the service's StateDirectory)."""
+    import time
+
+    return time.strftime("emgd-%Y%m%d-%H%M%S.h5", time.localtime())
+
+
+def _only(args: dict[str, Any], allowed: set[str]) -> None:
+    extra = set(args) - allowed
+    if extra:
+        raise RequestError(f"unexpected arguments {sorted(extra)}")
 
 
 async def _in_pipeline(daemon: Daemon, fn: Callable[[Any], Any]) -> Any:

@@ -99,3 +99,26 @@ def test_parse_request_unit():
     assert parse_request([msgpack.packb({"cmd": "status"})]) == ("status", {})
     with pytest.raises(RequestError):
         parse_request([msgpack.packb({"cmd": "x", "args": []})])
+
+
+def test_record_start_stop_over_control(daemon, tmp_path):
+    import h5py
+
+    _, _, ctl = daemon
+    path = tmp_path / "ctl.h5"
+    reply = request(ctl, "record", {"action": "start", "path": str(path)})
+    assert reply["ok"], reply
+    again = request(ctl, "record", {"action": "start", "path": str(tmp_path / "b.h5")})
+    assert not again["ok"] and "already recording" in again["error"]
+    assert request(ctl, "marker", {"text": "in the file"})["ok"]
+    out = subprocess.run([sys.executable, "-m", "emgd", "ctl", "--ctl", ctl, "record", "stop"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert not request(ctl, "record", {"action": "stop"})["ok"]
+    with h5py.File(path, "r") as f:
+        rows = f["data"][()]
+        assert len(rows) > 0 and bool(f.attrs["closed_cleanly"])
+        assert [m.decode() if isinstance(m, bytes) else m
+                for m in f["markers"]["text"][()]] == ["in the file"]
+    bad = request(ctl, "record", {"action": "pause"})
+    assert not bad["ok"] and "start' or 'stop" in bad["error"]
