@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 from emgd.errors import DeviceError, MissingDependency
 
@@ -74,8 +75,8 @@ def _bluezoo_command() -> list[str] | None:
         import importlib.util
 
         if importlib.util.find_spec("bluezoo") is not None:
-            return [sys.executable, "-c", "import sys; from bluezoo.bluezoo import main; "
-                    "sys.exit(main())"]
+            return [sys.executable, "-c",
+                    "import sys; from bluezoo.bluezoo import main; sys.exit(main())"]
     except (ImportError, ValueError):
         pass
     return None
@@ -97,7 +98,7 @@ class PrivateBluez:
         """``os.environ`` with ``DBUS_SYSTEM_BUS_ADDRESS`` pointing at this bus."""
         return {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.address}
 
-    def start(self) -> PrivateBluez:
+    def start(self) -> Self:
         missing = missing_tools()
         if missing:
             raise MissingDependency("the private Bluetooth stack needs: " + ", ".join(missing))
@@ -147,13 +148,13 @@ class PrivateBluez:
     def _adapter_powered(self, path: str) -> bool:
         res = subprocess.run(
             ["busctl", f"--address={self.address}", "get-property", "org.bluez", path,
-             "org.bluez.Adapter1", "Powered"], capture_output=True, text=True)
+             "org.bluez.Adapter1", "Powered"], capture_output=True, text=True, check=False)
         return res.returncode == 0 and res.stdout.strip() == "b true"
 
     def busctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run ``busctl --address=<this bus> ARGS`` (for tests: forced disconnects)."""
         return subprocess.run(["busctl", f"--address={self.address}", *args],
-                              capture_output=True, text=True, timeout=10)
+                              capture_output=True, text=True, timeout=10, check=False)
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
@@ -172,8 +173,9 @@ class PrivateBluez:
             self._tmp.cleanup()
             self._tmp = None
 
-    def __enter__(self) -> PrivateBluez:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

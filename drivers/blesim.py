@@ -35,11 +35,11 @@ from typing import Any
 from dbus_fast import BusType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
-
-from emgd import SAMPLE_RATE
 from emgd.drivers import blegatt as gatt
 from emgd.drivers.sim import SIM_FIRMWARE, SimConfig, SimStream
 from emgd.drivers.urls import parse_url
+
+from emgd import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,11 @@ class _Service(ServiceInterface):
         self._uuid = uuid
 
     @dbus_property(access=_R)
-    def UUID(self) -> "s":  # noqa: N802, F821 (D-Bus names and signatures)
+    def UUID(self) -> "s":  # noqa: F821 (D-Bus names and signatures)
         return self._uuid
 
     @dbus_property(access=_R)
-    def Primary(self) -> "b":  # noqa: N802, F821
+    def Primary(self) -> "b":  # noqa: F821
         return True
 
 
@@ -76,45 +76,45 @@ class _Characteristic(ServiceInterface):
         self.notifying = False
 
     @dbus_property(access=_R)
-    def UUID(self) -> "s":  # noqa: N802, F821
+    def UUID(self) -> "s":  # noqa: F821
         return self._uuid
 
     @dbus_property(access=_R)
-    def Service(self) -> "o":  # noqa: N802, F821
+    def Service(self) -> "o":  # noqa: F821
         return self._service
 
     @dbus_property(access=_R)
-    def Flags(self) -> "as":  # noqa: N802, F821, F722
+    def Flags(self) -> "as":
         return self._flags
 
     @dbus_property(access=_R)
-    def Value(self) -> "ay":  # noqa: N802, F821
+    def Value(self) -> "ay":  # noqa: F821
         return self._value
 
     @dbus_property(access=_R)
-    def Notifying(self) -> "b":  # noqa: N802, F821
+    def Notifying(self) -> "b":  # noqa: F821
         return self.notifying
 
     @method()
-    def ReadValue(self, options: "a{sv}") -> "ay":  # noqa: N802, F821, F722
+    def ReadValue(self, options: "a{sv}") -> "ay":  # noqa: F821
         return self._band.read(self._uuid, self._value)
 
     @method()
-    def WriteValue(self, value: "ay", options: "a{sv}") -> None:  # noqa: N802, F821, F722
+    def WriteValue(self, value: "ay", options: "a{sv}") -> None:  # noqa: F821
         self._band.write(self._uuid, bytes(value))
 
     @method()
-    def StartNotify(self) -> None:  # noqa: N802
+    def StartNotify(self) -> None:
         self.notifying = True
         self._band.notify_changed(self._uuid, True)
 
     @method()
-    def StopNotify(self) -> None:  # noqa: N802
+    def StopNotify(self) -> None:
         self.notifying = False
         self._band.notify_changed(self._uuid, False)
 
     @method()
-    def Confirm(self) -> None:  # noqa: N802 (BlueZoo calls it after every value change)
+    def Confirm(self) -> None:
         pass
 
     def notify(self, value: bytes) -> None:
@@ -128,27 +128,27 @@ class _Advertisement(ServiceInterface):
         self._name, self._serial = name, serial
 
     @dbus_property(access=_R)
-    def Type(self) -> "s":  # noqa: N802, F821
+    def Type(self) -> "s":  # noqa: F821
         return "peripheral"
 
     @dbus_property(access=_R)
-    def ServiceUUIDs(self) -> "as":  # noqa: N802, F821, F722
+    def ServiceUUIDs(self) -> "as":
         return [gatt.SERVICE]
 
     @dbus_property(access=_R)
-    def LocalName(self) -> "s":  # noqa: N802, F821
+    def LocalName(self) -> "s":  # noqa: F821
         return self._name
 
     @dbus_property(access=_R)
-    def Discoverable(self) -> "b":  # noqa: N802, F821
+    def Discoverable(self) -> "b":  # noqa: F821
         return True
 
     @dbus_property(access=_R)
-    def ServiceData(self) -> "a{sv}":  # noqa: N802, F821, F722
+    def ServiceData(self) -> "a{sv}":
         return {gatt.SERVICE: Variant("ay", self._serial.encode())}
 
     @method()
-    def Release(self) -> None:  # noqa: N802
+    def Release(self) -> None:
         log.info("advertisement released")
 
 
