@@ -49,6 +49,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctl", help="control REP endpoint (default: tcp://127.0.0.1:7401)")
     p.add_argument("--raw", action="store_true", default=None,
                    help="also publish raw EMG blocks on raw/<device>")
+    p.add_argument("--models", metavar="DIR",
+                   help="folder of model cards, one per task ('none': no decoders)")
+    p.add_argument("--outputs", action="store_true", default=None,
+                   help="also publish each decoder's per-frame output on outputs/<device>")
     p.add_argument("--record", metavar="FILE",
                    help="record EMG, markers and events to an HDF5 file (docs/recording.md)")
     p.add_argument("--config", "-c", metavar="FILE",
@@ -104,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from emgd.daemon import Daemon
 
     overrides: dict[str, Any] = {}
-    for key in ("device", "pub", "ctl", "raw", "log_level", "record"):
+    for key in ("device", "pub", "ctl", "raw", "log_level", "record", "models", "outputs"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value

@@ -59,6 +59,17 @@ class Settings:
     pub_hwm: int = 10000
     #: Record to this HDF5 file from the start ("" = do not record; see docs/recording.md).
     record: str = ""
+    #: Folder of model cards, one per task ("" = the shipped models, then the user's
+    #: ~/.local/share/emgd/models; "none" = run without decoders).
+    models: str = ""
+    #: Handwriting: finalise the current line after this many seconds without a key (0 = never).
+    handwriting_idle_s: float = 0.0
+    #: Wrist: gain applied when integrating the network output into `position`.
+    wrist_gain: float = 1.0
+    #: Wrist: clamp `position` to [-wrist_range_rad, +wrist_range_rad] (0 = no clamping).
+    wrist_range_rad: float = 0.0
+    #: Wrist: exponential smoothing factor of published velocity/position (0 = off, < 1).
+    wrist_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level,
@@ -73,6 +84,12 @@ class Settings:
             value = getattr(self, key)
             _check("://" in value, key, value, "a ZeroMQ endpoint such as tcp://127.0.0.1:7400")
         _check(bool(self.device.strip()), "device", self.device, "a device URL")
+        _check(self.handwriting_idle_s >= 0, "handwriting_idle_s", self.handwriting_idle_s,
+               "a number >= 0")
+        _check(self.wrist_range_rad >= 0, "wrist_range_rad", self.wrist_range_rad,
+               "a number >= 0")
+        _check(0 <= self.wrist_smoothing < 1, "wrist_smoothing", self.wrist_smoothing,
+               "a number in [0, 1)")
 
 
 def _check(ok: bool, key: str, value: object, expected: str) -> None:

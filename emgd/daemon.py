@@ -14,13 +14,15 @@ import dataclasses
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from emgd import SAMPLE_RATE
 from emgd.config import Settings
 from emgd.control import ControlServer
 from emgd.ctlcommands import control_handlers
-from emgd.errors import EmgdError
+from emgd.errors import EmgdError, ModelError
+from emgd.stages import DecoderStage, EventOptions, find_model_cards
 from emgd.pipeline import NotifyingSink, Pipeline, RawStage, Stage
 from emgd.ringbuffer import RingBuffer
 from emgd.sdnotify import Notifier, ProgressWatchdog, format_status
@@ -38,20 +40,25 @@ STOP_TIMEOUT_S = 1.5
 def resolve_device_url(url: str) -> str:
     """``auto`` (``auto?timeout=S``): look for a band (:mod:`emgd.drivers.discovery`);
     none found → the simulated band, said loudly. Any other URL is returned unchanged."""
+    return _resolve(url)[0]
+
+
+def _resolve(url: str) -> tuple[str, str | None]:
+    """(concrete URL, fallback reason or None)."""
     from emgd.drivers.urls import split_url
 
     if split_url(url.strip())[0] != "auto":
-        return url
+        return url, None
     from emgd.drivers.discovery import resolve_auto
 
     found = resolve_auto(url)
     if not found.fallback:
         log.info("device auto: %s → %s", found.reason, found.url)
-        return found.url
+        return found.url, None
     log.warning("%s (device auto): running on the SIMULATED band; every event "
                 "says simulated=true. Pass --device ble or --device serial:PATH for a real band.",
                 found.reason)
-    return found.url
+    return found.url, found.reason
 
 
 class Daemon:
@@ -62,6 +69,7 @@ class Daemon:
         self.device: Any = None
         self.pipeline: Pipeline | None = None
         self.control: ControlServer | None = None
+        self.decoders: DecoderStage | None = None
         self.sink: NotifyingSink | None = None
         self.recorder: Any = None
         self._last_recording: dict[str, Any] | None = None
@@ -72,7 +80,7 @@ class Daemon:
         """Open the device, bind the sockets and start streaming (raises EmgdError)."""
         from emgd.drivers.registry import open_device
 
-        url = resolve_device_url(self.settings.device)
+        url, fallback = _resolve(self.settings.device)
         self.device = open_device(url)
         info = self.device.info
         ring = RingBuffer(capacity=int(self.settings.ring_seconds * SAMPLE_RATE))
@@ -80,6 +88,9 @@ class Daemon:
         stages: list[Stage] = []
         if self.settings.raw:
             stages.append(RawStage())
+        self.decoders = self._load_decoders()
+        if self.decoders is not None:
+            stages.append(self.decoders)
         fallback_id = _fallback_id(url)
         recorded_clock = getattr(self.device, "recorded_clock", None)
         self.sink = sink
@@ -90,8 +101,13 @@ class Daemon:
             pub_endpoint=self.settings.pub, pub_hwm=self.settings.pub_hwm, stages=stages,
             status_interval_s=self.settings.status_interval_s,
             pop_markers=self.device.pop_markers,
-            clock=recorded_clock() if recorded_clock is not None else None)
+            clock=recorded_clock() if recorded_clock is not None else None,
+            device_id_known=lambda: bool(self.device.info.device_id))
         self.pipeline.status_sources["recording"] = self.recording_status
+        if fallback is not None:
+            self.pipeline.extra_status.update(fallback=True, fallback_reason=fallback)
+        if self.decoders is not None:
+            self.pipeline.status_sources["models"] = self.decoders.describe
         self.pipeline.start()
         self.pipeline.ready.wait()
         if self.pipeline.error is not None:
@@ -128,6 +144,36 @@ class Daemon:
             if self.pipeline.is_alive():
                 log.error("pipeline did not stop within %.1f s", STOP_TIMEOUT_S)
         self.stop_recording()  # after the pipeline: its last events reach the file
+
+    # ------------------------------------------------------------------ models
+    def _load_decoders(self) -> DecoderStage | None:
+        """Load one model per task and warm it up (before READY); None without models."""
+        s = self.settings
+        if s.models == "none":
+            log.warning("models = none: running without decoders (status and raw only)")
+            return None
+        if s.models:
+            folders = [Path(s.models)]
+            if not folders[0].is_dir():
+                raise ModelError(f"models folder {s.models} does not exist")
+        else:
+            from emgd.cli_models import shipped_models_dir, user_models_dir
+
+            folders = [d for d in (shipped_models_dir(), user_models_dir()) if d is not None]
+        cards = find_model_cards(folders)
+        if not cards:
+            log.warning("no models found in %s: running without decoders (status and raw "
+                        "only); 'emgd models --help' tells how to import or build some",
+                        ", ".join(str(f) for f in folders))
+            return None
+        rng = s.wrist_range_rad or float("inf")
+        stage = DecoderStage(cards, EventOptions(
+            outputs=s.outputs, idle_s=s.handwriting_idle_s, wrist_gain=s.wrist_gain,
+            wrist_min_rad=-rng, wrist_max_rad=rng, wrist_smoothing=s.wrist_smoothing))
+        seconds = stage.warmup()
+        log.info("models loaded and warmed up in %.2f s: %s", seconds,
+                 ", ".join(f"{t}={p.name}" for t, p in cards.items()))
+        return stage
 
     # ------------------------------------------------------------------ recording
     def start_recording(self, path: str, start: str = "now") -> dict[str, Any]:

@@ -100,7 +100,8 @@ class Pipeline(threading.Thread):
                  stats: Callable[[], dict[str, Any]], pub_endpoint: str, pub_hwm: int,
                  stages: list[Stage], status_interval_s: float = 1.0,
                  pop_markers: Callable[[], list[Any]] | None = None,
-                 clock: Any = None) -> None:
+                 clock: Any = None,
+                 device_id_known: Callable[[], bool] | None = None) -> None:
         super().__init__(name="pipeline", daemon=True)
         self._sink = sink
         self._device_id = device_id
@@ -109,6 +110,8 @@ class Pipeline(threading.Thread):
         self._pub_endpoint = pub_endpoint
         self._pub_hwm = pub_hwm
         self._stages = stages
+        self._id_final = False
+        self._id_is_final = device_id_known or (lambda: True)
         self._pop_markers = pop_markers
         self._status_interval_ns = int(status_interval_s * 1e9)
         self._stop_event = threading.Event()
@@ -286,6 +289,9 @@ class Pipeline(threading.Thread):
                     ctx: PipelineContext) -> None:
         self.clock.update(int(index[0]), int(index.shape[0]), int(t_recv[-1]))
         self.clock_index = int(index[-1]) + 1
+        if not self._id_final:  # until the band has said its serial number
+            ctx.device_id = self._device_id()
+            self._id_final = self._id_is_final()
         for stage in self._stages:
             stage.process(data, index, t_recv, ctx)
         self.samples += int(index.shape[0])
