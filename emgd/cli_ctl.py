@@ -20,6 +20,8 @@ commands:
   record start [FILE]    start recording to FILE (default: emgd-DATE-TIME.h5 in the
                          daemon's working directory); see docs/recording.md
   record stop            stop recording (every sample received so far is in the file)
+  reload                 load the models again (e.g. after 'emgd models import') and swap
+                         them in at the next sample; on failure the old models keep running
 
 examples:
   emgd ctl status
@@ -37,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"control endpoint (default: $EMGD_CTL or {DEFAULT_CTL})")
     p.add_argument("--json", action="store_true", help="print the raw reply as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
-    p.add_argument("command", help="status, marker, reset, record")
+    p.add_argument("command", help="status, marker, reset, record, reload")
     p.add_argument("args", nargs="*", help="the command's arguments")
     p.set_defaults(func=cmd_ctl)
 
@@ -55,7 +57,7 @@ def build_request(command: str, args: list[str]) -> tuple[str, dict[str, Any]]:
         if args == ["stop"]:
             return "record", {"action": "stop"}
         raise ConfigError("usage: emgd ctl record start [FILE] | emgd ctl record stop")
-    if command in ("status", "reset"):
+    if command in ("status", "reset", "reload"):
         if args:
             raise ConfigError(f"'emgd ctl {command}' takes no arguments")
         return command, {}

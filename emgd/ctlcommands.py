@@ -62,7 +62,12 @@ def control_handlers(daemon: Daemon) -> dict[str, Callable[[dict[str, Any]], Awa
             return result
         raise RequestError(f"record action must be 'start' or 'stop', not {action!r}")
 
-    return {"status": status, "marker": marker, "reset": reset, "record": record}
+    async def reload(args: dict[str, Any]) -> dict[str, Any]:
+        _no_args(args)
+        return await asyncio.to_thread(daemon.reload_models)
+
+    return {"status": status, "marker": marker, "reset": reset, "record": record,
+            "reload": reload}
 
 
 def default_recording_path() -> str:

@@ -175,6 +175,24 @@ class Daemon:
                  ", ".join(f"{t}={p.name}" for t, p in cards.items()))
         return stage
 
+    def reload_models(self) -> dict[str, Any]:
+        """Load and warm the models again, then swap them in at the next sample.
+
+        Runs the loading outside the pipeline thread; on any error the running models stay
+        and the error propagates (the control reply says why)."""
+        new = self._load_decoders()
+        old = self.decoders
+        assert self.pipeline is not None
+        pipeline = self.pipeline
+        pipeline.submit(lambda _ctx: pipeline.replace_stage(old, new)).result(timeout=10)
+        self.decoders = new
+        if new is not None:
+            pipeline.status_sources["models"] = new.describe
+        else:
+            pipeline.status_sources.pop("models", None)
+        pipeline.request_status()
+        return {"loaded": new.describe()["loaded"] if new is not None else {}}
+
     # ------------------------------------------------------------------ recording
     def start_recording(self, path: str, start: str = "now") -> dict[str, Any]:
         """Start writing the ring (and every published event) to an HDF5 file."""

@@ -164,6 +164,22 @@ class Pipeline(threading.Thread):
             self.marker_sink(text, sample)
         return {"sample": sample, "text": text}
 
+    def replace_stage(self, old: Stage | None, new: Stage | None) -> None:
+        """Swap one stage for another between two reads (pipeline thread only).
+
+        The new stage starts fresh at the next sample (its own segment start), so no
+        sample is lost and the other stages are untouched."""
+        if new is not None:
+            new.reset()
+        if old is not None and old in self._stages:
+            i = self._stages.index(old)
+            if new is None:
+                del self._stages[i]
+            else:
+                self._stages[i] = new
+        elif new is not None:
+            self._stages.append(new)
+
     def reset_stages(self, ctx: PipelineContext | None = None) -> None:
         """Reset every stage's state (decoders, detectors) at the next sample."""
         self.resets += 1

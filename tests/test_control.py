@@ -122,3 +122,38 @@ def test_record_start_stop_over_control(daemon, tmp_path):
                 for m in f["markers"]["text"][()]] == ["in the file"]
     bad = request(ctl, "record", {"action": "pause"})
     assert not bad["ok"] and "start' or 'stop" in bad["error"]
+
+
+def test_reload_swaps_models_and_keeps_old_ones_on_failure(run_daemon, endpoints, tmp_path):
+    pytest.importorskip("torch")
+    models = tmp_path / "models"
+    out = subprocess.run([sys.executable, "-m", "emgd", "models", "build-random", "--size",
+                          "small", "--seed", "1", "--out", str(models)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    pub, ctl = endpoints
+    with Subscriber(pub, topics=["status"]) as sub:
+        proc = run_daemon("--device", "sim", "--models", str(models), "--pub", pub,
+                          "--ctl", ctl, "--log-level", "info")
+        first = sub.recv(timeout=120)
+        assert first is not None, "daemon did not start"
+        loaded = request(ctl, "status")["result"]["status"]["models"]["loaded"]
+        assert set(loaded) == {"discrete_gestures", "handwriting", "wrist"}
+
+        reply = request(ctl, "reload", timeout=60)
+        assert reply["ok"], reply
+        assert set(reply["result"]["loaded"]) == set(loaded)
+
+        onnx = sorted(models.glob("*.onnx"))[0]
+        onnx.write_bytes(b"not an onnx file")
+        reply = request(ctl, "reload", timeout=60)
+        assert not reply["ok"] and onnx.name in reply["error"]
+        before = request(ctl, "status")["result"]["status"]["samples"]
+        for event in sub.events(timeout=10):  # still decoding with the old models
+            if event["samples"] > before:
+                assert set(event["models"]["loaded"]) == set(loaded)
+                break
+        else:
+            pytest.fail("no progress after a failed reload")
+    rc, _, err = proc.terminate()
+    assert rc == 0, err
