@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import random
 import threading
 import time
@@ -65,15 +66,21 @@ def _retryable() -> tuple[type[BaseException], ...]:
     return (BleakError, DBusError, EmgdError, TimeoutError, OSError, EOFError)
 
 
+def _process_rng() -> random.Random:
+    """Jitter exists to spread the retries of several daemons (and bands): seeded per
+    process, reproducible for a given pid."""
+    return random.Random(os.getpid())
+
+
 @dataclass(slots=True)
 class Backoff:
     """Exponential backoff with full jitter: attempt k waits uniform(0, min(cap, base·2^k))
-    but at least ``floor``."""
+    but at least ``floor``. Attempts restart at 0 after each successful reconnection."""
 
     base: float = 0.5
     cap: float = 30.0
     floor: float = 0.1
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=_process_rng)
 
     def delay(self, attempt: int) -> float:
         return max(self.floor, self.rng.uniform(0.0, min(self.cap, self.base * 2.0**attempt)))
@@ -109,7 +116,7 @@ class BleDevice(Device):
         self.mtu: int | None = None
         self.state: gatt.StreamState | None = None
         self.notifications = 0
-        self.attempts = 0  # reconnection attempts
+        self.attempts = 0  # reconnection attempts, all outages together
         self.delays: list[float] = []  # backoff delays waited (the last 32)
         self.last_gap_samples: int | None = None
 
@@ -290,8 +297,10 @@ class BleDevice(Device):
 
     async def _reconnect(self) -> bool:
         """Back off and reconnect until connected (True) or told to stop (False)."""
+        attempt = 0
         while self.reconnect and not self._stop_event.is_set():
-            delay = self.backoff.delay(self.attempts)
+            delay = self.backoff.delay(attempt)
+            attempt += 1
             self.attempts += 1
             self.delays = [*self.delays[-31:], delay]
             await asyncio.sleep(delay)
@@ -300,7 +309,7 @@ class BleDevice(Device):
                 return True
             except _retryable() as exc:
                 self._set_link("lost", error=exc)
-                log.info("%s: reconnect attempt %d failed: %s", self.url, self.attempts, exc)
+                log.info("%s: reconnect attempt %d failed: %s", self.url, attempt, exc)
         return False
 
     def _lost(self, why: str) -> None:

@@ -187,3 +187,48 @@ def test_find_bands_lists_name_address_rssi_and_serial():
     assert [(f.name, f.address, f.rssi, f.serial) for f in found] == [
         ("emgd-band SIM-A", a.address, -40, "SIM-A"), ("emgd-band SIM-B", b.address, -41, "SIM-B")]
     assert found[0].url == "ble:SIM-A"
+
+
+def test_the_daemon_and_its_subscribers_outlive_a_link_loss(monkeypatch, endpoints):
+    """The real daemon in-process, its BLE device played by a FakeBand (module defaults
+    CLIENT_BACKEND/SCANNER_BACKEND): one socket and one subscriber from start to end."""
+    from emgd.client import Subscriber
+    from emgd.config import load_settings
+    from emgd.daemon import Daemon
+
+    band = FakeBand(serial="SIM-F0D0", total_frames=10**9, pace_s=0.005)
+    band.outage_frames, band.refuse_after_loss = 50, 2
+    monkeypatch.setattr(ble, "CLIENT_BACKEND", FakeBandClient.serving(band))
+    monkeypatch.setattr(ble, "SCANNER_BACKEND", FakeScanner.seeing(band))
+    pub, ctl = endpoints
+    daemon = Daemon(load_settings(None, environ={}, overrides={
+        "device": "ble?timeout=0.5", "raw": True, "pub": pub, "ctl": ctl,
+        "status_interval_s": 0.2}))
+    raw, links, status = [], [], None
+    with Subscriber(pub, topics=["raw", "status"]) as sub:
+        daemon.start()
+        try:
+            for event in sub.events(timeout=60):
+                if event.kind == "raw":
+                    raw.append(event)
+                    if len(raw) == 20:
+                        band.lose_link_now.set()
+                elif event.kind == "status":
+                    links.append(event["link"])
+                    status = event
+                    if "lost" in links and event["link"] == "up" and event["gaps"] == 1 \
+                            and len(raw) > 40:
+                        break
+        finally:
+            daemon.stop()
+    assert "lost" in links and links[-1] == "up"
+    assert [e.seq for e in raw] == list(range(raw[0].seq, raw[0].seq + len(raw))), \
+        "the subscriber lost messages"
+    starts = np.array([e.sample for e in raw])
+    ends = starts + np.array([e["n"] for e in raw])
+    jumps = [(int(e), int(s)) for e, s in zip(ends[:-1], starts[1:]) if e != s]
+    assert len(jumps) == 1 and jumps[0][1] - jumps[0][0] == 50 * SAMPLES_PER_FRAME
+    assert status is not None and status.device == "SIM-F0D0"
+    assert status["gaps"] == 1 and status["gap_samples"] == 500
+    assert status["lost_samples"] == 500 and status["device_stats"]["reconnects"] == 1
+    assert band.refused == 2 and band.starts == 2
