@@ -99,9 +99,14 @@ class _Characteristic(ServiceInterface):
     def ReadValue(self, options: "a{sv}") -> "ay":  # noqa: F821
         return self._band.read(self._uuid, self._value)
 
+    @dbus_property(access=_R)
+    def MTU(self) -> "q":  # noqa: F821 (BlueZoo reads it; real BlueZ negotiates its own)
+        return gatt.MAX_MTU
+
     @method()
     def WriteValue(self, value: "ay", options: "a{sv}") -> None:  # noqa: F821
-        self._band.write(self._uuid, bytes(value))
+        mtu = options.get("mtu")
+        self._band.write(self._uuid, bytes(value), mtu.value if mtu else gatt.MAX_MTU)
 
     @method()
     def StartNotify(self) -> None:
@@ -193,15 +198,16 @@ class BleSimBand:
             return SIM_FIRMWARE.encode()
         return cached
 
-    def write(self, uuid: str, value: bytes) -> None:
+    def write(self, uuid: str, value: bytes, mtu: int) -> None:
         if uuid != gatt.CONTROL_CHAR:
             return
         cmd, fmt, frame = gatt.decode_command(value)  # ValueError → D-Bus error reply
-        if cmd == gatt.CMD_STOP:
+        if cmd == gatt.CMD_STOP or fmt is None:
             self.streaming = False
             return
+        frame = min(frame, gatt.samples_per_notification(fmt, mtu))  # fit one notification
         cfg = self.stream.config
-        if fmt is not None and (fmt, frame) != (cfg.fmt, cfg.frame):
+        if (fmt, frame) != (cfg.fmt, cfg.frame):
             self._restream(dataclasses.replace(cfg, fmt=fmt, frame=frame))
         self.streaming = True
         if self._pacer is None:
