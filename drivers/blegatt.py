@@ -12,8 +12,10 @@ Normative description: ``docs/protocol.md``, section "Bluetooth LE GATT layout".
   the band's identity in emgd, and Firmware Revision String (0x2A26).
 
 The band advertises the emgd service UUID, a local name ``emgd-band SERIAL`` (prefix
-:data:`NAME_PREFIX`), and service data under :data:`SERVICE` whose value is the serial
-number (UTF-8), so a scan lists serial numbers without connecting.
+:data:`NAME_PREFIX`), and service data under :data:`SERVICE`: one byte of advertisement
+counter (it changes whenever the band refreshes its advertisement; receivers ignore it),
+then the serial number (UTF-8), so a scan lists serial numbers without connecting
+(:func:`encode_service_data`, :func:`serial_from_adv`).
 
 Nothing here imports bleak or dbus-fast.
 """
@@ -108,15 +110,19 @@ def samples_per_notification(fmt: SampleFormat | str, mtu: int) -> int:
     return max(1, min(fmt.max_samples, room // (16 * fmt.bytes_per_sample)))
 
 
+def encode_service_data(serial: str, counter: int) -> bytes:
+    return bytes((counter & 0xFF,)) + serial.encode("utf-8")
+
+
 def serial_from_adv(service_data: dict[str, bytes], name: str | None) -> str | None:
     """The serial number an advertisement carries (service data under :data:`SERVICE`),
     or, failing that, the part of an ``emgd-band SERIAL`` name after the prefix; None if
     neither. A hint for listing and matching: the connected band's Device Information
     serial number is what identifies it."""
     raw = service_data.get(SERVICE)
-    if raw:
+    if raw and len(raw) > 1:
         try:
-            return bytes(raw).decode("utf-8")
+            return bytes(raw[1:]).decode("utf-8")
         except UnicodeDecodeError:
             return None
     if name and name.startswith(NAME_PREFIX + " "):

@@ -23,6 +23,7 @@ the annotations (``-> "ay"``), and ``-> None`` must stay the object None.
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 APP_PATH = "/org/emgd/band"
 ADV_PATH = "/org/emgd/band/adv0"
 PACE_S = 0.002
+ADV_REFRESH_S = 1.0  # BlueZoo only re-reports a known device when its data changes
 DEFAULT_SERIAL = "SIM-B001"
 _LEN = struct.Struct("<H")
 _R = PropertyAccess.READ
@@ -131,6 +133,14 @@ class _Advertisement(ServiceInterface):
     def __init__(self, name: str, serial: str) -> None:
         super().__init__("org.bluez.LEAdvertisement1")
         self._name, self._serial = name, serial
+        self.counter = 0
+
+    def refresh(self) -> None:
+        """A new advertisement counter: scanners that already know the band see it again
+        (BlueZ reports a known device when its advertised data changes)."""
+        self.counter = (self.counter + 1) & 0xFF
+        data = gatt.encode_service_data(self._serial, self.counter)
+        self.emit_properties_changed({"ServiceData": {gatt.SERVICE: Variant("ay", data)}})
 
     @dbus_property(access=_R)
     def Type(self) -> "s":  # noqa: F821
@@ -150,7 +160,8 @@ class _Advertisement(ServiceInterface):
 
     @dbus_property(access=_R)
     def ServiceData(self) -> "a{sv}":
-        return {gatt.SERVICE: Variant("ay", self._serial.encode())}
+        return {gatt.SERVICE: Variant("ay", gatt.encode_service_data(self._serial,
+                                                                     self.counter))}
 
     @method()
     def Release(self) -> None:
@@ -183,7 +194,9 @@ class BleSimBand:
         self.skipped_frames = 0  # frames made while nobody was streaming
         self._bus: MessageBus | None = None
         self._pacer: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._chars: dict[str, _Characteristic] = {}
+        self._adv: _Advertisement | None = None
 
     # ------------------------------------------------------------------ GATT callbacks
     def read(self, uuid: str, cached: bytes) -> bytes:
@@ -235,7 +248,14 @@ class BleSimBand:
                          "oa{sv}", [APP_PATH, {}])
         await self._call(adapter_path, "org.bluez.LEAdvertisingManager1",
                          "RegisterAdvertisement", "oa{sv}", [ADV_PATH, {}])
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh())
         log.info("advertising %r on %s", self.name, self.adapter)
+
+    async def _refresh(self) -> None:
+        assert self._adv is not None
+        while True:
+            await asyncio.sleep(ADV_REFRESH_S)
+            self._adv.refresh()
 
     def _export(self) -> None:
         assert self._bus is not None
@@ -253,7 +273,8 @@ class BleSimBand:
                 char = _Characteristic(uuid, svc_path, flags, self)
                 self._chars[uuid] = char
                 self._bus.export(f"{svc_path}/char{j}", char)
-        self._bus.export(ADV_PATH, _Advertisement(self.name, self.config.serial))
+        self._adv = _Advertisement(self.name, self.config.serial)
+        self._bus.export(ADV_PATH, self._adv)
 
     async def _call(self, path: str, interface: str, member: str, signature: str,
                     body: list[Any]) -> None:
@@ -264,17 +285,16 @@ class BleSimBand:
                                              interface=interface, member=member,
                                              signature=signature, body=body))
         if reply is None or reply.message_type == MessageType.ERROR:
-            detail = reply.body if reply is not None else "no reply"
-            raise RuntimeError(f"{interface}.{member} on {path} failed: {reply.error_name if reply else ''} {detail}")
+            why = f"{reply.error_name} {reply.body}" if reply is not None else "no reply"
+            raise RuntimeError(f"{interface}.{member} on {path} failed: {why}")
 
     async def stop(self) -> None:
-        if self._pacer is not None:
-            self._pacer.cancel()
-            try:
-                await self._pacer
-            except asyncio.CancelledError:
-                pass
-            self._pacer = None
+        for task in (self._pacer, self._refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._pacer = self._refresher = None
         if self._bus is not None:
             self._bus.disconnect()
             self._bus = None

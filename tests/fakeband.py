@@ -236,7 +236,7 @@ class FakeScanner(BaseBleakScanner):
         for i, band in enumerate(self.bands):
             if not band.advertising:
                 continue
-            adv = AdvertisementData(band.name, {}, {gatt.SERVICE: band.serial.encode()},
+            adv = AdvertisementData(band.name, {}, {gatt.SERVICE: gatt.encode_service_data(band.serial, 0)},
                                     [gatt.SERVICE], None, -40 - i, ())
             device = self.create_or_update_device(band.address, band.address, band.name,
                                                   None, adv)

@@ -113,12 +113,21 @@ def test_daemon_streams_10s_from_the_ble_band_then_a_forced_disconnect_is_link_l
     assert "link lost" in err
 
 
-def test_scan_lists_the_band_and_no_band_is_an_error(bluez, ble_band):
+def test_scan_lists_the_band_and_its_url_opens_it(bluez, ble_band, run_daemon, endpoints):
     rc, bands, err = scan_json(bluez, 5)
     assert rc == 0, err
     assert [(b["name"], b["address"], b["serial"]) for b in bands] == [
         (f"emgd-band {SERIAL}", BAND_ADDRESS, SERIAL)]
     assert isinstance(bands[0]["rssi"], int) and bands[0]["url"] == f"ble:{SERIAL}?adapter=hci0"
+    # the band is known to BlueZ now; a second scan (the daemon's) must still find it
+    pub, ctl = endpoints
+    with Subscriber(pub, topics=["status"]) as sub:
+        daemon = run_daemon("--device", bands[0]["url"], "--pub", pub, "--ctl", ctl,
+                            env={"DBUS_SYSTEM_BUS_ADDRESS": bluez.address})
+        up = next((e for e in sub.events(timeout=30) if e["link"] == "up"), None)
+        rc, _, err = daemon.terminate()
+    assert up is not None and up.device == SERIAL, err
+    assert rc == 0, err
 
 
 def test_no_band_within_the_timeout(bluez, run_daemon, endpoints):
