@@ -290,7 +290,11 @@ class BleDevice(Device):
         frame = gatt.samples_per_notification(self.fmt, self.mtu or gatt.MAX_MTU)
         await client.write_gatt_char(gatt.CONTROL_CHAR, gatt.encode_start(self.fmt, frame),
                                      response=True)
-        self.state = gatt.decode_state(await client.read_gatt_char(gatt.CONTROL_CHAR))
+        try:
+            self.state = gatt.decode_state(await client.read_gatt_char(gatt.CONTROL_CHAR))
+        except ValueError as exc:  # the stream itself is what counts
+            log.warning("%s: unreadable control state: %s", self.url, exc)
+            self.state = None
         self._set_link("up")
         if self._resume is not None:
             self._note_reconnect()
