@@ -249,14 +249,6 @@ class DecoderStage:
                     {"model": model, "n": int(v.shape[0]), "channels": int(v.shape[1]),
                      "stride": int(stride), "data": v.tobytes()})
 
-    def flush(self, sample: int, ctx: Any) -> None:
-        """At shutdown: finalise an unfinished handwriting line."""
-        if self.handwriting is None:
-            return
-        key = self._line.flush(sample)
-        if key is not None:
-            ctx.publish("handwriting", key.sample, time.monotonic_ns(), _key_fields(key))
-
 
 def _key_fields(key: Any) -> dict[str, Any]:
     return {"key": key.key, "text": key.text, "final": bool(key.final)}
