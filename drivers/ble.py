@@ -247,9 +247,11 @@ class BleDevice(Device):
         workaround). None when it cannot be learnt: the band then clamps the frame size."""
         acquire = getattr(getattr(client, "_backend", None), "_acquire_mtu", None)
         if acquire is not None:
+            errors: tuple[type[BaseException], ...] = (*_retryable(), AssertionError,
+                                                       StopIteration)
             try:
                 await acquire()
-            except (*_retryable(), AssertionError, StopIteration) as exc:
+            except errors as exc:
                 log.debug("%s: MTU not available (%s)", self.url, exc)
                 return None
         with warnings.catch_warnings():  # bleak warns when it only knows the default
@@ -329,11 +331,12 @@ class BleDevice(Device):
         client = self._client
         if client is None or not client.is_connected:
             return
+        errors: tuple[type[BaseException], ...] = (*_retryable(), asyncio.CancelledError)
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT_S):
                 await client.write_gatt_char(gatt.CONTROL_CHAR, gatt.encode_stop(), response=True)
                 await client.stop_notify(gatt.EMG_CHAR)
-        except (*_retryable(), asyncio.CancelledError) as exc:
+        except errors as exc:
             log.info("%s: stopping the stream: %s", self.url, exc)
 
     def _on_notify(self, _char: Any, data: bytearray) -> None:

@@ -18,7 +18,7 @@ carries one frame (10 int24 samples = 512 bytes, 200 per second, plus a STATUS f
 second). The serial number is the one ``SimConfig.serial`` gives, also in the STATUS frames.
 
 No ``from __future__ import annotations`` here: dbus-fast reads the D-Bus signatures from
-the annotations (``-> "ay"``), and ``-> None`` must stay the object None.
+the annotations (``-> DBusBytes``), and ``-> None`` must stay the object None.
 """
 
 import argparse
@@ -31,10 +31,19 @@ import signal
 import struct
 import sys
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from dbus_fast import BusType, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import (
+    DBusBool,
+    DBusBytes,
+    DBusDict,
+    DBusObjectPath,
+    DBusSignature,
+    DBusStr,
+    DBusUInt16,
+)
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
 from emgd.drivers import blegatt as gatt
 from emgd.drivers.sim import SIM_FIRMWARE, SimConfig, SimStream
@@ -51,6 +60,7 @@ ADV_REFRESH_S = 1.0  # BlueZoo only re-reports a known device when its data chan
 DEFAULT_SERIAL = "SIM-B001"
 _LEN = struct.Struct("<H")
 _R = PropertyAccess.READ
+_Strings = Annotated[list[str], DBusSignature("as")]
 
 
 class _Service(ServiceInterface):
@@ -59,11 +69,11 @@ class _Service(ServiceInterface):
         self._uuid = uuid
 
     @dbus_property(access=_R)
-    def UUID(self) -> "s":  # noqa: F821 (D-Bus names and signatures)
+    def UUID(self) -> DBusStr:  # D-Bus member names are CamelCase
         return self._uuid
 
     @dbus_property(access=_R)
-    def Primary(self) -> "b":  # noqa: F821
+    def Primary(self) -> DBusBool:
         return True
 
 
@@ -78,35 +88,35 @@ class _Characteristic(ServiceInterface):
         self.notifying = False
 
     @dbus_property(access=_R)
-    def UUID(self) -> "s":  # noqa: F821
+    def UUID(self) -> DBusStr:
         return self._uuid
 
     @dbus_property(access=_R)
-    def Service(self) -> "o":  # noqa: F821
+    def Service(self) -> DBusObjectPath:
         return self._service
 
     @dbus_property(access=_R)
-    def Flags(self) -> "as":
+    def Flags(self) -> _Strings:
         return self._flags
 
     @dbus_property(access=_R)
-    def Value(self) -> "ay":  # noqa: F821
+    def Value(self) -> DBusBytes:
         return self._value
 
     @dbus_property(access=_R)
-    def Notifying(self) -> "b":  # noqa: F821
+    def Notifying(self) -> DBusBool:
         return self.notifying
 
     @method()
-    def ReadValue(self, options: "a{sv}") -> "ay":  # noqa: F821
+    def ReadValue(self, options: DBusDict) -> DBusBytes:
         return self._band.read(self._uuid, self._value)
 
     @dbus_property(access=_R)
-    def MTU(self) -> "q":  # noqa: F821 (BlueZoo reads it; real BlueZ negotiates its own)
+    def MTU(self) -> DBusUInt16:  # BlueZoo reads it; real BlueZ negotiates its own
         return gatt.MAX_MTU
 
     @method()
-    def WriteValue(self, value: "ay", options: "a{sv}") -> None:  # noqa: F821
+    def WriteValue(self, value: DBusBytes, options: DBusDict) -> None:
         mtu = options.get("mtu")
         self._band.write(self._uuid, bytes(value), mtu.value if mtu else gatt.MAX_MTU)
 
@@ -143,23 +153,23 @@ class _Advertisement(ServiceInterface):
         self.emit_properties_changed({"ServiceData": {gatt.SERVICE: Variant("ay", data)}})
 
     @dbus_property(access=_R)
-    def Type(self) -> "s":  # noqa: F821
+    def Type(self) -> DBusStr:
         return "peripheral"
 
     @dbus_property(access=_R)
-    def ServiceUUIDs(self) -> "as":
+    def ServiceUUIDs(self) -> _Strings:
         return [gatt.SERVICE]
 
     @dbus_property(access=_R)
-    def LocalName(self) -> "s":  # noqa: F821
+    def LocalName(self) -> DBusStr:
         return self._name
 
     @dbus_property(access=_R)
-    def Discoverable(self) -> "b":  # noqa: F821
+    def Discoverable(self) -> DBusBool:
         return True
 
     @dbus_property(access=_R)
-    def ServiceData(self) -> "a{sv}":
+    def ServiceData(self) -> DBusDict:
         return {gatt.SERVICE: Variant("ay", gatt.encode_service_data(self._serial,
                                                                      self.counter))}
 
