@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 LINK_STATES = ("connecting", "up", "lost", "closed")
 MARKER_QUEUE = 64
 JOIN_TIMEOUT_S = 5.0
+FLOW_WAIT_S = 0.001  # unpaced sources: poll for room in the sink
 
 
 class SampleSink(Protocol):
@@ -281,6 +282,18 @@ class Device:
             listener = self.link_listener
             if listener is not None:
                 listener(state)
+
+    def _wait_for_room(self, n: int) -> bool:
+        """Unpaced sources: wait until the sink can take ``n`` samples without lapping a
+        reader it watches (a sink without ``free()`` has no flow control). False when
+        asked to stop while waiting."""
+        free = getattr(self._sink, "free", None)
+        if free is None:
+            return True
+        while free() < n:
+            if self._stop_event.wait(FLOW_WAIT_S):
+                return False
+        return True
 
     def _note_reconnect(self) -> None:
         self._reconnects += 1

@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 READ_ROWS = 4000  # rows per h5py read (2 s of EMG)
 PACE_S = 0.005  # sleep between paced deliveries
-FLOW_WAIT_S = 0.001  # unpaced: poll for room in the sink
 
 
 # ---------------------------------------------------------------------- time base
@@ -291,7 +290,6 @@ class ReplayDevice(Device):
         index, n = self._index, self._rows
         first = int(index[0])
         rate = float(SAMPLE_RATE) * self.speed
-        free = getattr(self._sink, "free", None)
         row, lap = 0, 0
         t0 = time.monotonic_ns()
         while not self._stop_event.is_set():
@@ -300,7 +298,7 @@ class ReplayDevice(Device):
                 upto = min(n, int(np.searchsorted(index, due, "left")))
             else:
                 upto = min(n, row + READ_ROWS)
-                if free is not None and not self._wait_for_room(free, upto - row):
+                if not self._wait_for_room(upto - row):
                     break
             if upto > row:
                 self._emit(row, upto, lap)
@@ -314,12 +312,6 @@ class ReplayDevice(Device):
                 continue
             if rate > 0:
                 self._stop_event.wait(PACE_S)
-
-    def _wait_for_room(self, free: Any, n: int) -> bool:
-        while free() < n:
-            if self._stop_event.wait(FLOW_WAIT_S):
-                return False
-        return True
 
     def _emit(self, a: int, b: int, lap: int) -> None:
         """Write rows [a, b) of the selected range into the sink, split at index gaps."""

@@ -254,7 +254,10 @@ class SimDevice(Device):
         else:
             block = UNPACED_BLOCK_FRAMES * cfg.frame
             while not self._stop_event.is_set() and not (limit and self.sent >= limit):
-                self._produce(min(block, limit - self.sent) if limit else block)
+                n = min(block, limit - self.sent) if limit else block
+                if not self._wait_for_room(n):  # never lap the pipeline or the recorder
+                    break
+                self._produce(n)
         if limit and self.sent >= limit:
             self._flush_held()
             self._end_of_stream()
