@@ -126,7 +126,7 @@ class Daemon:
                 self.stop()
                 raise
         self.device.start(sink)
-        log.info("emgd streaming from %s (%s) → %s%s", info.device_id, url,
+        log.info("emgd streaming from %s (%s) → %s%s", self.device.info.device_id, url,
                  self.pipeline.endpoint, " [SIMULATED]" if info.simulated else "")
 
     def stop(self) -> None:
@@ -243,13 +243,30 @@ class Daemon:
         sys.setswitchinterval(self.settings.switch_interval_ms / 1000.0)
         self._notifier = Notifier.from_env()
         try:
-            self.start()  # device open, sockets bound, kernels/models warm: then READY
+            if not self._start_interruptibly():
+                return 0  # SIGINT/SIGTERM while starting (e.g. during a BLE connect)
             return asyncio.run(self._main(status_line))
         finally:
             self.stop()
             self._notifier.close()
             if status_line:
                 sys.stderr.write("\n")
+
+    def _start_interruptibly(self) -> bool:
+        """``start()`` with SIGINT/SIGTERM turned into a clean stop; False if interrupted."""
+        def interrupt(_signum: int, _frame: Any) -> None:
+            raise _StartInterrupted
+
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()  # device open, sockets bound, kernels/models warm: then READY
+            return True
+        except _StartInterrupted:
+            log.warning("stopped while starting")
+            return False
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     async def _main(self, status_line: bool) -> int:
         loop = asyncio.get_running_loop()
@@ -296,6 +313,10 @@ class Daemon:
                 f"p99={'-' if p99 is None else f'{p99:.0f}µs'}  ")
         sys.stderr.write(line)
         sys.stderr.flush()
+
+
+class _StartInterrupted(Exception):
+    """SIGINT/SIGTERM arrived while the daemon was starting."""
 
 
 def _fallback_id(url: str) -> str:
