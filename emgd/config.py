@@ -62,6 +62,12 @@ class Settings:
     #: Folder of model cards, one per task ("" = the shipped models, then the user's
     #: ~/.local/share/emgd/models; "none" = run without decoders).
     models: str = ""
+    #: Gestures: per-gesture detection threshold overriding the model card's (0.35 for the
+    #: reference), e.g. {thumb_click = 0.5}.
+    gesture_threshold: dict[str, float] = field(default_factory=dict)
+    #: Gestures: per-gesture debounce window in ms overriding the card's (50 ms for the
+    #: reference), e.g. {index_release = 80}.
+    gesture_debounce_ms: dict[str, float] = field(default_factory=dict)
     #: Handwriting: finalise the current line after this many seconds without a key (0 = never).
     handwriting_idle_s: float = 0.0
     #: Wrist: gain applied when integrating the network output into `position`.
@@ -86,6 +92,10 @@ class Settings:
         _check(bool(self.device.strip()), "device", self.device, "a device URL")
         _check(self.handwriting_idle_s >= 0, "handwriting_idle_s", self.handwriting_idle_s,
                "a number >= 0")
+        for name, thr in self.gesture_threshold.items():
+            _check(0.0 < thr < 1.0, f"gesture_threshold.{name}", thr, "a number in (0, 1)")
+        for name, ms in self.gesture_debounce_ms.items():
+            _check(ms >= 0, f"gesture_debounce_ms.{name}", ms, "a number >= 0")
         _check(self.wrist_range_rad >= 0, "wrist_range_rad", self.wrist_range_rad,
                "a number >= 0")
         _check(0 <= self.wrist_smoothing < 1, "wrist_smoothing", self.wrist_smoothing,
@@ -180,6 +190,9 @@ def _merge(base: dict[str, Any], new: Mapping[str, Any], cls: type, source: str,
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{dotted!r} ({source}) must be a table of settings")
             out[key] = _merge(out.get(key, {}), value, hint, source, dotted + ".")
+        elif typing.get_origin(hint) is dict:
+            coerced = _coerce(value, hint, dotted, source)
+            out[key] = {**out.get(key, {}), **coerced}  # tables merge key by key
         else:
             out[key] = _coerce(value, hint, dotted, source)
     return out
@@ -227,8 +240,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise ValueError
         if typing.get_origin(hint) is dict:
             if isinstance(value, Mapping):
-                return dict(value)
+                value_type = typing.get_args(hint)[1]
+                return {str(k): _coerce(v, value_type, f"{key}.{k}", source)
+                        for k, v in value.items()}
             raise ValueError
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError(
             f"bad value for {key!r} ({source}): {value!r}; expected {_type_name(hint)}"
@@ -261,7 +278,8 @@ def describe(cls: type = Settings, prefix: str = "") -> list[tuple[str, str, Any
         else:
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            rows.append((f"{prefix}{f.name}", getattr(hint, "__name__", str(hint)), default))
+            name = str(hint) if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
+            rows.append((f"{prefix}{f.name}", name, default))
     return rows
 
 

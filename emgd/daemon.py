@@ -169,7 +169,9 @@ class Daemon:
         rng = s.wrist_range_rad or float("inf")
         stage = DecoderStage(cards, EventOptions(
             outputs=s.outputs, idle_s=s.handwriting_idle_s, wrist_gain=s.wrist_gain,
-            wrist_min_rad=-rng, wrist_max_rad=rng, wrist_smoothing=s.wrist_smoothing))
+            wrist_min_rad=-rng, wrist_max_rad=rng, wrist_smoothing=s.wrist_smoothing,
+            gesture_threshold=tuple(sorted(s.gesture_threshold.items())),
+            gesture_debounce_ms=tuple(sorted(s.gesture_debounce_ms.items()))))
         seconds = stage.warmup()
         log.info("models loaded and warmed up in %.2f s: %s", seconds,
                  ", ".join(f"{t}={p.name}" for t, p in cards.items()))

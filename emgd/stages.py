@@ -23,7 +23,7 @@ import numpy as np
 
 from emgd.decoders import Decoder, load_decoder, mpf_highpass
 from emgd.detection import CtcGreedyDecoder, GestureDetector, LineEditor, WristIntegrator
-from emgd.errors import ModelError
+from emgd.errors import ConfigError, ModelError
 from emgd.modelcard import load_card
 from emgd.vocab import key_name
 
@@ -43,6 +43,8 @@ class EventOptions:
     wrist_min_rad: float = -np.inf
     wrist_max_rad: float = np.inf
     wrist_smoothing: float = 0.0
+    gesture_threshold: tuple[tuple[str, float], ...] = ()  # per-gesture overrides
+    gesture_debounce_ms: tuple[tuple[str, float], ...] = ()
 
 
 def find_model_cards(folders: list[Path]) -> dict[str, Path]:
@@ -91,11 +93,7 @@ class DecoderStage:
                 self._highpass = HighPass(hp[0], order=hp[1])
                 self._hp_out = np.empty((MPF_CHUNK, 16), dtype=np.float32)
         if self.gesture is not None:
-            ev = self.gesture.card.events
-            self._gestures = GestureDetector(
-                list(self.gesture.card.output.labels),
-                threshold=ev.get("threshold", 0.35),
-                debounce_samples=int(ev.get("debounce_samples", 100)))
+            self._gestures = self._gesture_detector(self.gesture.card, options)
         if self.handwriting is not None:
             blank = self.handwriting.card.output.blank
             self._ctc = CtcGreedyDecoder(blank=99 if blank is None else blank)
@@ -109,6 +107,22 @@ class DecoderStage:
         self._mpf_base = 0
         self.warmup_s = 0.0
         self.events = 0
+
+    @staticmethod
+    def _gesture_detector(card: Any, options: EventOptions) -> GestureDetector:
+        """Card defaults, then the config's per-gesture overrides (names checked)."""
+        labels = list(card.output.labels)
+        rate = card.input.sample_rate
+        unknown = sorted({n for n, _ in options.gesture_threshold + options.gesture_debounce_ms}
+                         - set(labels))
+        if unknown:
+            raise ConfigError(f"gesture_threshold / gesture_debounce_ms name unknown gestures "
+                              f"{unknown}; the model {card.name!r} knows {labels}")
+        threshold = {n: float(card.events.get("threshold", 0.35)) for n in labels}
+        threshold.update(dict(options.gesture_threshold))
+        debounce = {n: float(card.events.get("debounce_samples", 100)) for n in labels}
+        debounce.update({n: ms * rate / 1000.0 for n, ms in options.gesture_debounce_ms})
+        return GestureDetector(labels, threshold=threshold, debounce_samples=debounce)
 
     # ------------------------------------------------------------------ set-up
     def warmup(self) -> float:

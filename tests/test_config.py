@@ -77,3 +77,22 @@ def test_settings_are_frozen():
 def test_describe_lists_every_field():
     keys = [k for k, _, _ in describe()]
     assert "device" in keys and "pub" in keys and len(keys) == len(set(keys))
+
+
+def test_per_gesture_tables_merge_key_by_key(tmp_path):
+    cfg = write(tmp_path, "gesture_threshold = { thumb_click = 0.5, thumb_up = 0.4 }\n")
+    s = load_settings(cfg, environ={"EMGD_GESTURE_THRESHOLD__THUMB_UP": "0.45",
+                                    "EMGD_GESTURE_DEBOUNCE_MS__INDEX_RELEASE": "80"})
+    assert s.gesture_threshold == {"thumb_click": 0.5, "thumb_up": 0.45}
+    assert s.gesture_debounce_ms == {"index_release": 80.0}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("gesture_threshold = { thumb_click = 1.5 }\n", "gesture_threshold.thumb_click"),
+    ('gesture_threshold = { thumb_click = "high" }\n', "gesture_threshold.thumb_click"),
+    ("gesture_debounce_ms = { index_release = -1 }\n", "gesture_debounce_ms.index_release"),
+    ("gesture_threshold = 0.4\n", "gesture_threshold"),
+])
+def test_bad_per_gesture_values(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(write(tmp_path, text), environ={})
