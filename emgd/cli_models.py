@@ -34,6 +34,7 @@ examples:
   emgd models import wrist/model_checkpoint.ckpt    convert a published checkpoint
   emgd models import ckpt --scale 1e6               if the recordings were in volts
   emgd models build-random --size small --out /tmp/m   random weights (tests, benchmarks)
+  emgd models quantize wrist                        an int8 copy, with its measured delta
 
 The scale is the factor from the band's µV to the units the network was trained on
 (network input = scale × µV). The reference data's units are not documented (see
@@ -70,6 +71,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", metavar="DIR", help=f"output folder (default: {user_models_dir()})")
     q.add_argument("--force", action="store_true", help="replace existing files")
     q.set_defaults(func=cmd_import)
+
+    q = cmds.add_parser("quantize", help="write a dynamic-int8 copy of a model and measure "
+                                         "its accuracy delta (needs emgd[convert])")
+    q.add_argument("model", metavar="NAME|PATH", help="a model name or a card/ONNX path")
+    q.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="also look in DIR (repeatable)")
+    q.add_argument("--out", metavar="DIR",
+                   help="output folder (default: the model's own folder)")
+    q.add_argument("--force", action="store_true", help="replace existing files")
+    q.set_defaults(func=cmd_quantize)
 
     q = cmds.add_parser("build-random", help="random-weight models for tests and benchmarks "
                                              "(needs emgd[convert])")
@@ -227,6 +238,26 @@ def cmd_build_random(args: argparse.Namespace) -> int:
                                highpass_hz=args.highpass, force=args.force)
     for b in built:
         print(f"built {b.task} ({args.size}, seed {args.seed}): {b.card}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependency(f"quantising needs the onnx package: {CONVERT_HINT}") from exc
+    from emgd.models.quantize import quantize_model
+    from emgd.modelcard import load_card
+
+    card_path = resolve(args.model, args.models)
+    out = Path(args.out) if args.out else card_path.parent
+    new = quantize_model(card_path, out, force=args.force)
+    prov = load_card(new).provenance
+    print(f"wrote {new} ({prov.get('quantization')})")
+    for key in sorted(k for k in prov if k.startswith("quant_")):
+        print(f"  {key} = {prov[key]}")
+    print("int8 changes outputs: use it only where the card says the events are identical "
+          "on data you trust (see models/README.md)")
     return 0
 
 

@@ -196,3 +196,28 @@ def test_not_a_checkpoint_writes_nothing(tmp_path, capsys):
     assert main(["models", "import", str(bad), "--out", str(out)]) == 1
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_quantize_writes_an_int8_copy_with_its_delta(tmp_path):
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    out = tmp_path / "m"
+    run = [sys.executable, "-m", "emgd", "models"]
+    built = subprocess.run(run + ["build-random", "--size", "small", "--task", "wrist",
+                                  "--out", str(out)], capture_output=True, text=True,
+                           timeout=600)
+    assert built.returncode == 0, built.stderr
+    card = next(out.glob("*.toml"))
+    q = subprocess.run(run + ["quantize", str(card)], capture_output=True, text=True,
+                       timeout=600)
+    assert q.returncode == 0, q.stderr
+    assert "dynamic int8" in q.stdout and "quant_" in q.stdout
+    from emgd.modelcard import load_card
+
+    new = load_card(next(p for p in out.glob("*.toml") if p != card))
+    assert "quantization" in new.provenance and new.name.endswith("-int8")
+    again = subprocess.run(run + ["quantize", str(card)], capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 1 and "overwrite" in again.stderr
