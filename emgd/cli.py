@@ -25,17 +25,26 @@ SUBCOMMANDS = ("run", "listen", "sim", "scan", "ctl", "models")
 EXTENSIONS = ("emgd.cli_sim", "emgd.cli_scan", "emgd.cli_ctl", "emgd.cli_models")
 
 EPILOG_RUN = """\
-device URLs:
-  auto                       look for a band (BLE, serial); none found → simulated band
-  sim[?seed=N&counter=1]     the simulated band (no hardware needed)
-  serial:PATH[?baud=N]       a band on a serial port, e.g. serial:/dev/ttyACM0
-  ble[:NAME-OR-ADDRESS]      a band over Bluetooth LE
-  replay:FILE[?speed=1]      replay a recording
+device URLs (an unknown option prints that scheme's full list):
+  auto[?timeout=S]           look for a band (udev link, USB IDs, virtual bands, BLE);
+                             none found → the simulated band, said in every event
+  sim[?seed=N&counter=1&paced=0&drop=P&corrupt=P&drift_ppm=X]
+                             the simulated band (no hardware needed)
+  serial:PATH[?baud=N&reconnect=1]
+                             a band on a serial port, e.g. serial:/dev/emg-band
+  ble[:NAME-OR-ADDRESS-OR-SERIAL][?adapter=hci0&timeout=S]
+                             a band over Bluetooth LE ('emgd scan' lists them)
+  replay:FILE[?speed=1&start=T&end=T&loop=1]
+                             replay a recording (speed=0: as fast as possible)
 
 settings precedence: defaults < --config FILE < EMGD_* environment < flags
+(every key: docs/configuration.md, or systemd/emgd.toml)
+
 examples:
   emgd --device sim                  run on the simulated band
   emgd listen status                 (another terminal) watch the status topic
+  emgd ctl status                    (another terminal) ask the running daemon
+  emgd --device sim --models DIR --outputs --record session.h5
 """
 
 
