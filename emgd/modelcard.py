@@ -5,9 +5,10 @@ A card declares the task, the input the graph expects (raw EMG or MPF frames, th
 context, output rate), the outputs (labels or vocabulary, blank), the carried state tensors
 (names, shapes, dtypes, initial values), event parameters for the detectors, the licence and
 the provenance (where the weights came from, sha256 of the ONNX file). ``models/README.md``
-documents every key; this module parses (``tomllib``), validates (every error is a
-:class:`~emgd.errors.ModelError` naming the key) and writes cards (:func:`write_card`, a
-small TOML writer of its own: no dependency).
+documents every key; this module parses (``tomllib``) and validates cards (every error is a
+:class:`~emgd.errors.ModelError` naming the key, via ``emgd.modelcard_reader``) and
+re-exports the writer (:func:`write_card`, a small TOML writer of its own in
+``emgd.modelcard_write``: no dependency).
 
     card = load_card("models/discrete_gestures.toml")
     card.onnx_path, card.states[0].name, card.output_sample(j)
@@ -21,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +32,12 @@ from typing import Any
 import numpy as np
 
 from emgd.errors import ModelError
+from emgd.modelcard_reader import TableReader
+from emgd.modelcard_write import (  # re-exported: callers import the writer from here
+    card_to_dict,  # noqa: F401
+    dumps_toml,  # noqa: F401
+    write_card,  # noqa: F401
+)
 
 SCHEMA = 1
 TASKS = ("discrete_gestures", "wrist", "handwriting")
@@ -43,8 +49,6 @@ OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 PRIME_TRANSFORMS = ("none", "reinhard")
 MPF_WINDOWS = (16, 20)  # STFT frames per MPF window: handwriting, wrist
 RESERVED_NAMES = ("x", "y")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 Scalar = str | int | float | bool
 
@@ -194,7 +198,7 @@ def load_card(path: str | PathLike[str]) -> ModelCard:
 
 def parse_card(data: Mapping[str, Any], source: str = "<card>") -> ModelCard:
     """Validate a card's TOML tables; errors name ``source`` and the offending key."""
-    r = _Reader(data, source, "")
+    r = TableReader(data, source, "")
     schema = r.integer("schema", minimum=1)
     if schema != SCHEMA:
         raise ModelError(f"{source}: schema = {schema} is not supported (this emgd reads "
@@ -219,7 +223,7 @@ def parse_card(data: Mapping[str, Any], source: str = "<card>") -> ModelCard:
     return card
 
 
-def _model(r: _Reader) -> ModelFile:
+def _model(r: TableReader) -> ModelFile:
     m = ModelFile(
         file=r.text("file"),
         sha256=r.sha256("sha256"),
@@ -237,7 +241,7 @@ def _model(r: _Reader) -> ModelFile:
     return m
 
 
-def _input(r: _Reader, task: str) -> InputSpec:
+def _input(r: TableReader, task: str) -> InputSpec:
     kind = r.choice("kind", INPUT_KINDS)
     prime_table = r.table("prime", optional=True)
     spec = InputSpec(
@@ -273,7 +277,7 @@ def _input(r: _Reader, task: str) -> InputSpec:
     return spec
 
 
-def _prime(r: _Reader) -> Prime:
+def _prime(r: TableReader) -> Prime:
     p = Prime(state=r.name("state"), samples=r.integer("samples", minimum=1),
               transform=r.choice("transform", PRIME_TRANSFORMS, "none"),
               range=r.number("range", 64.0), midpoint=r.number("midpoint", 32.0, positive=True))
@@ -281,14 +285,14 @@ def _prime(r: _Reader) -> Prime:
     return p
 
 
-def _timing(r: _Reader) -> Timing:
+def _timing(r: TableReader) -> Timing:
     t = Timing(hop=r.integer("hop", minimum=1), left_context=r.integer("left_context", minimum=0),
                output_rate_hz=r.number("output_rate_hz", positive=True))
     r.done()
     return t
 
 
-def _output(r: _Reader) -> OutputSpec:
+def _output(r: TableReader) -> OutputSpec:
     o = OutputSpec(kind=r.choice("kind", OUTPUT_KINDS), labels=r.str_list("labels"),
                    blank=r.integer("blank", None, minimum=0), valid=r.name("valid", None),
                    units=r.text("units", ""))
@@ -302,7 +306,7 @@ def _output(r: _Reader) -> OutputSpec:
     return o
 
 
-def _state(r: _Reader) -> StateSpec:
+def _state(r: TableReader) -> StateSpec:
     s = StateSpec(name=r.name("name"), shape=r.shape("shape"),
                   dtype=r.choice("dtype", tuple(DTYPES), "float32"), init=r.number("init", 0.0))
     r.done()
@@ -337,7 +341,7 @@ def _cross_check(card: ModelCard, source: str) -> None:
                              f"{spec.dtype} {spec.shape}")
 
 
-def _free(r: _Reader | None, scalars_only: bool = False) -> dict[str, Any]:
+def _free(r: TableReader | None, scalars_only: bool = False) -> dict[str, Any]:
     if r is None:
         return {}
     out = {}
@@ -352,236 +356,13 @@ def _free(r: _Reader | None, scalars_only: bool = False) -> dict[str, Any]:
     return out
 
 
-def _provenance(r: _Reader) -> dict[str, Any]:
+def _provenance(r: TableReader) -> dict[str, Any]:
     r.nonempty("source")
     return _free(r, scalars_only=True)
 
 
 def _replace_path(card: ModelCard, path: Path) -> ModelCard:
     return dataclasses.replace(card, path=path)
-
-
-class _Reader:
-    """Typed access to one TOML table; every error names ``source: prefix.key``."""
-
-    def __init__(self, data: Mapping[str, Any], source: str, prefix: str) -> None:
-        self.data, self.source, self.prefix = data, source, prefix
-        self.used: set[str] = set()
-
-    def error(self, key: str, message: str) -> ModelError:
-        return ModelError(f"{self.source}: {self.prefix}{key}: {message}")
-
-    def _get(self, key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            if default is _REQUIRED:
-                raise self.error(key, "missing (required)")
-            return default
-        value = self.data[key]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise self.error(key, f"must be {what}, got {type(value).__name__} {value!r}")
-        return value
-
-    def text(self, key: str, default: Any = ...) -> Any:
-        return self._get(key, _REQUIRED if default is ... else default, (str,), "a string")
-
-    def nonempty(self, key: str) -> Any:
-        value = self.text(key)
-        if not value.strip():
-            raise self.error(key, "must not be empty")
-        return value
-
-    def name(self, key: str, default: Any = ...) -> Any:
-        value = self.text(key, default)
-        if value is not None and not _NAME.fullmatch(value):
-            raise self.error(key, f"{value!r} is not a valid name (letters, digits, _ . -)")
-        return value
-
-    def flag(self, key: str, default: Any = ...) -> Any:
-        return self._get(key, _REQUIRED if default is ... else default, (bool,), "true or false")
-
-    def integer(self, key: str, default: Any = ..., minimum: int | None = None) -> Any:
-        value = self._get(key, _REQUIRED if default is ... else default, (int,), "an integer")
-        if value is not None and minimum is not None and value < minimum:
-            raise self.error(key, f"must be >= {minimum}, got {value}")
-        return value
-
-    def number(self, key: str, default: Any = ..., positive: bool = False,
-              minimum: float | None = None) -> Any:
-        value = self._get(key, _REQUIRED if default is ... else default, (int, float), "a number")
-        if value is None:
-            return None
-        value = float(value)
-        if not math.isfinite(value):
-            raise self.error(key, f"must be finite, got {value}")
-        if positive and value <= 0:
-            raise self.error(key, f"must be > 0, got {value}")
-        if minimum is not None and value < minimum:
-            raise self.error(key, f"must be >= {minimum}, got {value}")
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> Any:
-        value = self.text(key, default)
-        if value is not None and value not in choices:
-            raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
-        return value
-
-    def sha256(self, key: str, default: Any = ...) -> Any:
-        value = self.text(key, default)
-        if value is not None and not _SHA256.fullmatch(value):
-            raise self.error(key, "must be 64 lower-case hex digits")
-        return value
-
-    def str_list(self, key: str) -> tuple[str, ...]:
-        value = self._get(key, _REQUIRED, (list,), "a list of strings")
-        if not all(isinstance(v, str) for v in value):
-            raise self.error(key, "must be a list of strings")
-        return tuple(value)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        value = self._get(key, _REQUIRED, (list,), "a list of positive integers")
-        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                for v in value):
-            raise self.error(key, f"must be a list of positive integers, got {value!r}")
-        return tuple(value)
-
-    def table(self, key: str, optional: bool = False) -> Any:
-        value = self._get(key, None if optional else _REQUIRED, (dict,), "a table")
-        return None if value is None else _Reader(value, self.source, f"{self.prefix}{key}.")
-
-    def tables(self, key: str) -> list[_Reader]:
-        value = self._get(key, [], (list,), "an array of tables ([[...]])")
-        out = []
-        for i, t in enumerate(value):
-            if not isinstance(t, dict):
-                raise self.error(f"{key}[{i}]", "must be a table")
-            out.append(_Reader(t, self.source, f"{self.prefix}{key}[{i}]."))
-        return out
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "unknown key (see models/README.md for the schema)")
-
-
-_REQUIRED = object()
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def card_to_dict(card: ModelCard) -> dict[str, Any]:
-    """The card as TOML tables (optional keys left out when unset)."""
-    m, i, t, o = card.model, card.input, card.timing, card.output
-    model = _drop_none({"file": m.file, "sha256": m.sha256, "data_file": m.data_file,
-                        "data_sha256": m.data_sha256,
-                        "graph_optimization": m.graph_optimization, "opset": m.opset})
-    inp = _drop_none({
-        "kind": i.kind, "unit": i.unit, "fixed": i.fixed, "channels": i.channels,
-        "sample_rate": i.sample_rate, "units": i.units, "scale": i.scale,
-        "scale_note": i.scale_note or None, "highpass_hz": i.highpass_hz,
-        "highpass_order": i.highpass_order, "mpf_window": i.mpf_window,
-    })
-    if i.prime is not None:
-        p = i.prime
-        inp["prime"] = {"state": p.state, "samples": p.samples, "transform": p.transform,
-                        "range": p.range, "midpoint": p.midpoint}
-    out = _drop_none({"kind": o.kind, "labels": list(o.labels), "blank": o.blank,
-                      "valid": o.valid, "units": o.units or None})
-    return {
-        "schema": card.schema,
-        "name": card.name,
-        "task": card.task,
-        "description": card.description,
-        "licence": card.licence,
-        "model": model,
-        "input": inp,
-        "timing": {"hop": t.hop, "left_context": t.left_context,
-                   "output_rate_hz": t.output_rate_hz},
-        "output": out,
-        **({"events": dict(card.events)} if card.events else {}),
-        "provenance": dict(card.provenance),
-        "state": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype, "init": s.init}
-                  for s in card.states],
-    }
-
-
-def write_card(card: ModelCard, path: str | PathLike[str]) -> Path:
-    """Write ``card`` as TOML (UTF-8); reading it back gives an equal card."""
-    path = Path(path)
-    path.write_text(dumps_toml(card_to_dict(card)), encoding="utf-8")
-    return path
-
-
-def dumps_toml(data: Mapping[str, Any]) -> str:
-    """TOML for nested dicts of str/int/float/bool/lists; lists of dicts become [[tables]]."""
-    lines: list[str] = []
-    _emit_table(data, [], lines)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _emit_table(data: Mapping[str, Any], keys: list[str], lines: list[str]) -> None:
-    plain = {k: v for k, v in data.items() if not _is_table(v) and not _is_table_array(v)}
-    for k, v in plain.items():
-        lines.append(f"{_key(k)} = {_value(v)}")
-    for k, v in data.items():
-        if _is_table(v):
-            lines.extend(["", f"[{'.'.join(map(_key, [*keys, k]))}]"])
-            _emit_table(v, [*keys, k], lines)
-    for k, v in data.items():
-        if _is_table_array(v):
-            for item in v:
-                lines.extend(["", f"[[{'.'.join(map(_key, [*keys, k]))}]]"])
-                _emit_table(item, [*keys, k], lines)
-
-
-def _is_table(v: Any) -> bool:
-    return isinstance(v, Mapping)
-
-
-def _is_table_array(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, Mapping) for x in v)
-
-
-def _key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _string(k)
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return _string(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _string(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
 
 
 def file_sha256(path: str | PathLike[str]) -> str:
