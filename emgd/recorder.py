@@ -31,9 +31,8 @@ past HDF5's end of file with ``posix_fallocate`` and renews it before it runs lo
 renewal fails (:class:`DiskFull`) the file is closed properly inside the reserve, with
 ``attrs["error"]`` set, and the unused reserve is truncated away.
 
-Files are created with mode 0600 (sEMG is biometric data): ``os.open(O_CREAT|O_EXCL|
-O_NOFOLLOW, 0o600)`` makes the inode, HDF5 then truncates that same file, and the recorder
-checks through HDF5's own descriptor that it is the inode it created.
+Files are created with mode 0600 (sEMG is biometric data). File creation, the layout and
+the disk reserve live in :mod:`emgd.h5layout` (its public names are re-exported here).
 
 Time column: ``clock.unix_time(index)`` per sample, vectorised (``clock.unix_times`` when
 the clock has it, else ``times_ns`` relative to ``unix_time`` of the block's first sample),
@@ -46,7 +45,6 @@ time is final, i.e. equal to the ``t`` its events carry.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import math
 import os
@@ -56,11 +54,26 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import h5py
-import msgpack
 import numpy as np
 
-from emgd import N_CHANNELS, SAMPLE_RATE, __version__
-from emgd.errors import EmgdError
+from emgd.h5layout import (
+    CHUNK_ROWS,  # noqa: F401 - re-exported
+    DATA_DTYPE,
+    EVENT_DTYPE,
+    FORMAT,
+    FORMAT_VERSION,
+    FREE_TASK,
+    MARKER_DTYPE,
+    RESERVE_BYTES,  # noqa: F401 - re-exported
+    DiskFull,
+    DiskReserve,
+    RecordingError,
+    create_file,
+    create_layout,
+    event_sample_and_t,
+    extend,
+    write_device_info,
+)
 from emgd.ringbuffer import RingBuffer
 
 if TYPE_CHECKING:
@@ -68,28 +81,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT = "emgd-recording"
-FORMAT_VERSION = 1
-#: ``data.attrs["task"]`` of a recording that followed no protocol of the public dataset.
-FREE_TASK = "free"
-DATA_DTYPE = np.dtype([("time", "<f8"), ("emg", "<f4", (N_CHANNELS,)), ("sample_index", "<i8")])
-MARKER_DTYPE = np.dtype([("sample", "<i8"), ("time", "<f8"), ("text", h5py.string_dtype())])
-EVENT_DTYPE = np.dtype([("sample", "<i8"), ("t", "<f8"), ("topic", h5py.string_dtype()),
-                        ("payload", h5py.vlen_dtype(np.uint8))])
-CHUNK_ROWS = 2000  # one HDF5 chunk of `data` = 1 s (160 kB)
 FLUSH_INTERVAL_S = 0.5
 POLL_S = 0.02  # the thread reads the ring this often
 STAGE_ROWS = 16384  # rows read but not yet appended (written early when full)
 MAX_QUEUED = 65536  # events/markers waiting for the writer; more are counted and dropped
-RESERVE_BYTES = 4 << 20  # disk space kept allocated ahead of HDF5's end of file (~25 s)
-
-
-class RecordingError(EmgdError, OSError):
-    """A recording could not be created (file exists, no permission, bad path)."""
-
-
-class DiskFull(RecordingError):
-    """No room for the next stretch of the recording (the reserve could not be renewed)."""
 
 
 class RecorderClock(Protocol):
@@ -150,12 +145,11 @@ class Recorder:
         """Create the file (errors raise here as :class:`RecordingError`) and start."""
         if self._thread is not None:
             raise RecordingError(f"{self.path}: recorder already started")
-        self._file, self._fd = _create_file(self.path, self._overwrite)
-        self._reserved_to = 0
-        self._reserve = True
+        self._file, self._fd = create_file(self.path, self._overwrite)
+        self._disk = DiskReserve(self.path, self._fd)
         try:
             self._layout(self._file)
-            self._ensure_room(self._file)
+            self._disk.ensure_room(self._file)
         except BaseException:
             self._file.close()
             os.close(self._fd)
@@ -214,25 +208,7 @@ class Recorder:
 
     # ------------------------------------------------------------------ file layout
     def _layout(self, f: h5py.File) -> None:
-        data = f.create_dataset("data", shape=(0,), maxshape=(None,), dtype=DATA_DTYPE,
-                                chunks=(CHUNK_ROWS,))
-        data.attrs["task"] = self.task
-        data.attrs["emg_units"] = "uV"
-        data.attrs["time_units"] = "s since the Unix epoch"
-        data.attrs["sample_rate"] = float(SAMPLE_RATE)
-        f.create_dataset("markers", shape=(0,), maxshape=(None,), dtype=MARKER_DTYPE,
-                         chunks=(64,))
-        f.create_dataset("events", shape=(0,), maxshape=(None,), dtype=EVENT_DTYPE,
-                         chunks=(256,))
-        a = f.attrs
-        a["format"] = FORMAT
-        a["format_version"] = FORMAT_VERSION
-        a["emgd_version"] = __version__
-        a["sample_rate"] = float(SAMPLE_RATE)
-        a["channels"] = N_CHANNELS
-        a["emg_units"] = "uV"
-        a["start_time"] = math.nan  # Unix s of the first sample, once there is one
-        a["closed_cleanly"] = False
+        create_layout(f, self.task)
         self._written_info: object = None
         self._write_info(f)
         self._write_counts(f)
@@ -241,14 +217,7 @@ class Recorder:
         info = self._info()
         if info == self._written_info:
             return
-        a = f.attrs
-        a["device_id"] = info.device_id
-        a["device_name"] = info.name
-        a["transport"] = info.transport
-        a["url"] = info.url
-        a["simulated"] = bool(info.simulated)
-        a["firmware"] = info.firmware
-        a["scale_uv"] = math.nan if info.scale_uv is None else float(info.scale_uv)
+        write_device_info(f, info)
         self._written_info = info
 
     def _write_counts(self, f: h5py.File) -> None:
@@ -272,7 +241,7 @@ class Recorder:
             self._write_counts(f)
             f.attrs["closed_cleanly"] = True
             f.close()
-            self._trim()
+            self._disk.trim()
             log.info("recording %s closed: %d samples, %d events", self.path, self.samples,
                      self.events)
         except Exception as exc:  # noqa: BLE001 - HDF5 I/O error or bug: end the recording only
@@ -283,33 +252,6 @@ class Recorder:
             # stays readable up to the last flush.
         finally:
             os.close(self._fd)
-
-    def _ensure_room(self, f: h5py.File) -> None:
-        """Keep RESERVE_BYTES allocated past HDF5's end of file, so that HDF5's own writes
-        (including the metadata written by ``close``) never meet a full disk."""
-        if not self._reserve:
-            return
-        eoa = f.id.get_filesize()
-        if self._reserved_to - eoa >= RESERVE_BYTES // 2:
-            return
-        try:
-            os.posix_fallocate(self._fd, eoa, RESERVE_BYTES)
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                log.warning("%s: the file system cannot reserve space; a full disk may "
-                            "corrupt the end of this recording", self.path)
-                self._reserve = False
-                return
-            raise DiskFull(f"{self.path}: {exc.strerror} (recording stopped with "
-                           f"{self._reserved_to - eoa} bytes of reserve left)") from exc
-        self._reserved_to = eoa + RESERVE_BYTES
-
-    def _trim(self) -> None:
-        """Give back the unused reserve after a clean close."""
-        with h5py.File(self.path, "r") as g:
-            eoa = g.id.get_filesize()
-        if os.fstat(self._fd).st_size > eoa:
-            os.ftruncate(self._fd, eoa)
 
     def _loop(self, f: h5py.File) -> None:
         stage = np.zeros(STAGE_ROWS, DATA_DTYPE)
@@ -328,7 +270,7 @@ class Recorder:
             now = time.monotonic_ns()
             if stopping or now >= next_flush:
                 self._append(f, final=stopping)
-                self._ensure_room(f)
+                self._disk.ensure_room(f)
                 self._write_queued(f)
                 self._write_info(f)
                 self._write_counts(f)
@@ -374,7 +316,7 @@ class Recorder:
         n = self._stamped
         if n == 0:
             return
-        self._ensure_room(f)
+        self._disk.ensure_room(f)
         data = f["data"]
         n0 = data.shape[0]
         data.resize((n0 + n,))
@@ -427,15 +369,15 @@ class Recorder:
             self._unix_times(samples, times)
             rows["time"] = times
             rows["text"] = [text for text, _ in markers]
-            _extend(f["markers"], rows)
+            extend(f["markers"], rows)
             self.markers += len(markers)
         events = _drain(self._events)
         if events:
             rows = np.empty(len(events), EVENT_DTYPE)
             for i, (topic, payload) in enumerate(events):
-                rows[i] = (*_sample_and_t(payload), topic.decode("utf-8", "replace"),
+                rows[i] = (*event_sample_and_t(payload), topic.decode("utf-8", "replace"),
                            np.frombuffer(payload, np.uint8))
-            _extend(f["events"], rows)
+            extend(f["events"], rows)
             self.events += len(events)
 
 
@@ -446,52 +388,6 @@ def _drain(queue: collections.deque) -> list:
             out.append(queue.popleft())
         except IndexError:
             return out
-
-
-def _extend(ds: h5py.Dataset, rows: np.ndarray) -> None:
-    n0 = ds.shape[0]
-    ds.resize((n0 + rows.shape[0],))
-    ds[n0:] = rows
-
-
-def _sample_and_t(payload: bytes) -> tuple[int, float]:
-    """The event's ``sample`` and ``t`` for the table's index columns; (-1, nan) if the
-    payload is not an emgd event (it is stored anyway)."""
-    try:
-        event = msgpack.unpackb(payload, raw=False)
-        return int(event["sample"]), float(event["t"])
-    except Exception:  # noqa: BLE001 - any undecodable payload is kept as bytes
-        return -1, math.nan
-
-
-def _create_file(path: str, overwrite: bool) -> tuple[h5py.File, int]:
-    """An HDF5 file at ``path`` with mode 0600 from its creation (module docstring), and
-    the recorder's own descriptor of it (for the disk reserve)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    flags |= os.O_TRUNC if overwrite else os.O_EXCL
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError as exc:
-        raise RecordingError(f"{path}: file exists; choose another name or remove it "
-                             "(recordings are never overwritten silently)") from exc
-    except OSError as exc:
-        raise RecordingError(f"cannot create recording {path}: {exc.strerror}") from exc
-    try:
-        os.fchmod(fd, 0o600)  # an overwritten file keeps its old mode otherwise
-        mine = os.fstat(fd)
-        try:
-            f = h5py.File(path, "w")
-        except OSError as exc:
-            raise RecordingError(f"cannot create recording {path}: {exc}") from exc
-        theirs = os.fstat(f.id.get_vfd_handle())
-        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
-            f.close()
-            raise RecordingError(f"{path} was replaced while it was being created; not "
-                                 "recording into a file of unknown permissions")
-        return f, fd
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 __all__ = ["Recorder", "RecordingError", "DATA_DTYPE", "EVENT_DTYPE", "MARKER_DTYPE",
