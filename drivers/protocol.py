@@ -1,7 +1,9 @@
 """The emgd wire protocol: frame layout, encoders and the streaming decoder.
 
 The normative description, with hex test vectors, is ``docs/protocol.md``; this module
-implements it and ``tests/test_protocol.py`` checks the two against each other.
+implements it and ``tests/test_protocol.py`` checks the two against each other. The
+constants and types live in ``protocol_types`` and the encoders in ``protocol_encode``;
+all of them are importable from here, the protocol's API.
 
 A frame (all integers little-endian)::
 
@@ -18,233 +20,70 @@ Its counters (:class:`DecoderStats`) are exact; ``docs/protocol.md`` defines eac
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import struct
 import zlib
-from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 
 from emgd import N_CHANNELS
+from emgd.drivers.protocol_encode import (
+    encode_emg,
+    encode_frame,
+    encode_imu,
+    encode_marker,
+    encode_status,
+    quantize,
+)
+from emgd.drivers.protocol_types import (
+    _2F32,
+    _CRC,
+    _F32,
+    _HDR,
+    _STATUS_FIXED,
+    _U16,
+    CRC_SIZE,
+    HEADER_SIZE,
+    MAX_FRAME,
+    MAX_PAYLOAD,
+    OVERHEAD,
+    STATUS_UNKNOWN_BATTERY,
+    STATUS_UNKNOWN_TEMPERATURE,
+    SYNC,
+    VERSION,
+    DecoderStats,
+    Frame,
+    FrameType,
+    SampleFormat,
+    Status,
+)
 
-SYNC = b"\xa5\x5a"
-VERSION = 1
-HEADER_SIZE = 24
-CRC_SIZE = 4
-OVERHEAD = HEADER_SIZE + CRC_SIZE
-MAX_PAYLOAD = 2048
-MAX_FRAME = OVERHEAD + MAX_PAYLOAD
-STATUS_UNKNOWN_BATTERY = 255
-STATUS_UNKNOWN_TEMPERATURE = -32768
-
-_HDR = struct.Struct("<BBBBHQQ")  # from `version` to `timestamp`, after the sync
-_CRC = struct.Struct("<I")
-_F32 = struct.Struct("<f")
-_2F32 = struct.Struct("<ff")
-_STATUS_FIXED = struct.Struct("<BBh")
-_U16 = struct.Struct("<H")
-_U64_MAX = 2**64 - 1
-
-
-class FrameType(IntEnum):
-    EMG = 1
-    IMU = 2
-    STATUS = 3
-    MARKER = 4
-
-
-class SampleFormat(IntEnum):
-    """EMG sample format, carried in bit 0 of an EMG frame's ``flags``."""
-
-    INT16 = 0
-    INT24 = 1
-
-    @property
-    def bytes_per_sample(self) -> int:
-        return 2 if self is SampleFormat.INT16 else 3
-
-    @property
-    def code_min(self) -> int:
-        return -(1 << (8 * self.bytes_per_sample - 1))
-
-    @property
-    def code_max(self) -> int:
-        return (1 << (8 * self.bytes_per_sample - 1)) - 1
-
-    @property
-    def max_samples(self) -> int:
-        """Most samples one frame of this format can carry (``length`` <= 2048)."""
-        return (MAX_PAYLOAD - 4) // (N_CHANNELS * self.bytes_per_sample)
-
-    @classmethod
-    def parse(cls, name: str | int | SampleFormat) -> SampleFormat:
-        if isinstance(name, str):
-            try:
-                return cls[name.upper()]
-            except KeyError:
-                raise ValueError(f"unknown sample format {name!r}: use int16 or int24") from None
-        return cls(name)
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    """The decoded payload of a STATUS frame."""
-
-    battery: int | None  # percent; None when the band sent 255 (unknown)
-    charging: bool
-    streaming: bool
-    temperature_c: float | None  # None when the band sent -32768 (unknown)
-    serial: str
-    firmware: str
-
-
-@dataclass(slots=True)
-class Frame:
-    """One good frame. EMG frames carry ``emg`` (float32 (n, 16) µV), ``fmt`` and ``scale``;
-    STATUS frames carry ``status``; MARKER frames carry ``text``."""
-
-    type: int
-    flags: int
-    counter: int
-    timestamp_us: int
-    payload: bytes
-    emg: np.ndarray | None = None
-    fmt: SampleFormat | None = None
-    scale: float | None = None
-    status: Status | None = None
-    text: str | None = None
-
-    @property
-    def n_samples(self) -> int:
-        return 0 if self.emg is None else self.emg.shape[0]
-
-
-@dataclass(slots=True)
-class DecoderStats:
-    """Exact counters of a :class:`StreamDecoder` (definitions in docs/protocol.md)."""
-
-    bytes_in: int = 0
-    frames: int = 0
-    emg_frames: int = 0
-    samples: int = 0
-    crc_errors: int = 0
-    malformed: int = 0
-    truncated: int = 0
-    bytes_discarded: int = 0
-    gaps: int = 0
-    lost_samples: int = 0
-    counter_resets: int = 0
-
-    def snapshot(self) -> DecoderStats:
-        return dataclasses.replace(self)
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------- encoders
-
-
-def encode_frame(
-    ftype: int, counter: int, timestamp_us: int, payload: bytes, flags: int = 0
-) -> bytes:
-    """One frame around ``payload``. Checks field ranges only, not payload semantics
-    (so tests can build well-formed frames with malformed contents)."""
-    if not 0 <= counter <= _U64_MAX or not 0 <= timestamp_us <= _U64_MAX:
-        raise ValueError("counter and timestamp_us must fit in an unsigned 64-bit integer")
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte maximum")
-    body = _HDR.pack(VERSION, ftype, flags, 0, len(payload), counter, timestamp_us) + payload
-    return SYNC + body + _CRC.pack(zlib.crc32(body))
-
-
-def quantize(uv: np.ndarray, fmt: SampleFormat | str, scale: float) -> np.ndarray:
-    """µV values to integer codes (round to nearest, clip to the format's range), int32."""
-    fmt = SampleFormat.parse(fmt)
-    codes = np.rint(np.asarray(uv, dtype=np.float64) / scale)
-    np.clip(codes, fmt.code_min, fmt.code_max, out=codes)
-    return codes.astype(np.int32)
-
-
-def _check_scale(scale: float) -> None:
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
-
-
-def encode_emg(
-    counter: int,
-    timestamp_us: int,
-    codes: np.ndarray,
-    fmt: SampleFormat | str,
-    scale_uv: float,
-) -> bytes:
-    """An EMG frame of ``codes`` (n, 16) integers; ``scale_uv`` is µV per LSB."""
-    fmt = SampleFormat.parse(fmt)
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[1] != N_CHANNELS or codes.shape[0] < 1:
-        raise ValueError(f"codes must have shape (n>=1, {N_CHANNELS}), got {codes.shape}")
-    if codes.shape[0] > fmt.max_samples:
-        raise ValueError(f"{fmt.name} frames carry at most {fmt.max_samples} samples")
-    if codes.dtype.kind not in "iu":
-        raise ValueError("codes must be integers; use quantize() first")
-    if codes.min() < fmt.code_min or codes.max() > fmt.code_max:
-        raise ValueError(f"codes out of {fmt.name} range")
-    _check_scale(scale_uv)
-    if fmt is SampleFormat.INT16:
-        data = codes.astype("<i2").tobytes()
-    else:
-        data = codes.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
-    return encode_frame(FrameType.EMG, counter, timestamp_us, _F32.pack(scale_uv) + data, int(fmt))
-
-
-def encode_imu(
-    counter: int, timestamp_us: int, codes: np.ndarray, accel_scale: float, gyro_scale: float
-) -> bytes:
-    """An IMU frame of ``codes`` (n, 6) int16: ax ay az (g/LSB) gx gy gz (deg/s/LSB)."""
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[1] != 6 or not 1 <= codes.shape[0] <= (MAX_PAYLOAD - 8) // 12:
-        raise ValueError(f"codes must have shape (n, 6) with 1 <= n <= 170, got {codes.shape}")
-    if codes.min() < -32768 or codes.max() > 32767:
-        raise ValueError("IMU codes out of int16 range")
-    _check_scale(accel_scale)
-    _check_scale(gyro_scale)
-    payload = _2F32.pack(accel_scale, gyro_scale) + codes.astype("<i2").tobytes()
-    return encode_frame(FrameType.IMU, counter, timestamp_us, payload)
-
-
-def _lp_utf8(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    return _U16.pack(len(raw)) + raw
-
-
-def encode_status(
-    counter: int,
-    timestamp_us: int,
-    *,
-    battery: int | None,
-    serial: str,
-    firmware: str,
-    charging: bool = False,
-    streaming: bool = True,
-    temperature_c: float | None = None,
-) -> bytes:
-    """A STATUS frame. ``counter`` is the index of the next EMG sample."""
-    batt = STATUS_UNKNOWN_BATTERY if battery is None else int(battery)
-    if not 0 <= batt <= 100 and batt != STATUS_UNKNOWN_BATTERY:
-        raise ValueError("battery must be 0..100 or None")
-    temp = STATUS_UNKNOWN_TEMPERATURE if temperature_c is None else round(temperature_c * 100)
-    if not -32768 <= temp <= 32767:
-        raise ValueError("temperature out of range")
-    flags = (1 if charging else 0) | (2 if streaming else 0)
-    payload = _STATUS_FIXED.pack(batt, flags, temp) + _lp_utf8(serial) + _lp_utf8(firmware)
-    return encode_frame(FrameType.STATUS, counter, timestamp_us, payload)
-
-
-def encode_marker(counter: int, timestamp_us: int, text: str) -> bytes:
-    """A MARKER frame; ``counter`` is the index of the next EMG sample."""
-    return encode_frame(FrameType.MARKER, counter, timestamp_us, text.encode("utf-8"))
+__all__ = [
+    "CRC_SIZE",
+    "HEADER_SIZE",
+    "MAX_FRAME",
+    "MAX_PAYLOAD",
+    "OVERHEAD",
+    "STATUS_UNKNOWN_BATTERY",
+    "STATUS_UNKNOWN_TEMPERATURE",
+    "SYNC",
+    "VERSION",
+    "DecoderStats",
+    "Frame",
+    "FrameType",
+    "SampleFormat",
+    "Status",
+    "StreamDecoder",
+    "decode_emg_payload",
+    "decode_imu",
+    "decode_status",
+    "encode_emg",
+    "encode_frame",
+    "encode_imu",
+    "encode_marker",
+    "encode_status",
+    "quantize",
+    "unpack_int24",
+]
 
 
 # --------------------------------------------------------------------------- payload decoders
