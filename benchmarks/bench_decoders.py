@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -67,29 +66,18 @@ from emgd.modelcard import file_sha256, load_card, write_card
 from emgd.mpf import MpfExtractor
 from emgd.mpf import warmup as mpf_warmup
 
+try:  # run as a script, the script's folder is on sys.path already
+    from _common import command_line, cpu_model, dumps, stats_us
+except ModuleNotFoundError:  # imported from elsewhere
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import command_line, cpu_model, dumps, stats_us
+
 TASKS = ("discrete_gestures", "wrist", "handwriting")
 SHORT = {"discrete_gestures": "gestures", "wrist": "wrist", "handwriting": "handwriting"}
 BLOCK = 40
 RATE = 2000.0
 TARGET_RATIO = 1.5
 EVENTS_PER_S = 1.0  # the events model's target event rate
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def stats_us(ns: list[int]) -> dict:
-    a = np.asarray(ns, dtype=np.float64) / 1e3
-    return {"p50_us": round(float(np.median(a)), 1), "p99_us": round(float(np.percentile(a, 99)), 1),
-            "mean_us": round(float(a.mean()), 1), "n": int(a.size)}
 
 
 # --------------------------------------------------------------------------- streaming
@@ -250,7 +238,7 @@ def events_model(fp32_card: Path, logits: np.ndarray, floor_logits: np.ndarray, 
 
 
 def summarise(passes: list[dict], offline: list[dict], seconds: float) -> dict:
-    lat = {t: stats_us([x for p in passes for x in p["lat"][t]]) for t in TASKS}
+    lat = {t: stats_us([x for p in passes for x in p["lat"][t]], "p50_us") for t in TASKS}
     med = lambda xs: float(np.median(xs))
     cpu = {SHORT[t]: med([p["cpu"][t] for p in passes]) / 1e9 / seconds for t in TASKS}
     cpu["mpf"] = med([p["cpu"]["mpf"] for p in passes]) / 1e9 / seconds
@@ -284,7 +272,7 @@ def main() -> None:
     torch.set_num_interop_threads(1)
     t_run = time.perf_counter()
     result: dict = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": command_line(),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                     "python": platform.python_version(), "numpy": np.__version__,
@@ -361,7 +349,7 @@ def main() -> None:
         "ratio_at_most": TARGET_RATIO,
         **{f"{v}_meets": s["meets_1_5x_target"] for v, s in summaries.items()}}
     result["run_s"] = round(time.perf_counter() - t_run, 1)
-    text = json.dumps(result, indent=2)
+    text = dumps(result)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -28,6 +27,12 @@ import numpy as np
 
 from emgd.mpf import MpfExtractor, warmup
 from emgd.mpf_reference import HANDWRITING, WRIST, mpf_offline
+
+try:  # run as a script, the script's folder is on sys.path already
+    from _common import command_line, cpu_model, print_json, stats_us
+except ModuleNotFoundError:  # imported from elsewhere
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import command_line, cpu_model, print_json, stats_us
 
 HOP = 40
 HOP_US = 1e6 * HOP / 2000.0  # 20 000 µs of EMG per hop
@@ -47,24 +52,6 @@ def signal(seconds: float, seed: int = 0) -> np.ndarray:
                   for c in rng.uniform(0, n, size=max(1, n // 4000)))
         x[:, ch] += env * band / band.std()
     return x.astype(np.float32)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def stats_us(samples_ns: list[int]) -> dict:
-    a = np.asarray(samples_ns, dtype=np.float64) / 1e3
-    return {"median_us": round(float(np.median(a)), 1),
-            "p99_us": round(float(np.percentile(a, 99)), 1),
-            "mean_us": round(float(a.mean()), 1), "n": int(a.size)}
 
 
 def bench_incremental(x: np.ndarray) -> tuple[dict, dict]:
@@ -130,7 +117,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="EMG seconds per measure")
     parser.add_argument("--compile", action="store_true", help="also measure compile times")
     args = parser.parse_args()
-    result: dict = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    result: dict = {"command": command_line(),
                     "machine": {"cpu": cpu_model(),
                                 "cores": os.cpu_count(), "python": platform.python_version(),
                                 "numpy": np.__version__}}
@@ -149,7 +136,7 @@ def main() -> None:
                          "under_200_us_per_hop_median": inc["median_us"] < 200}
     if args.compile:
         result["compile"] = compile_times()
-    print(json.dumps(result, indent=2))
+    print_json(result)
 
 
 if __name__ == "__main__":

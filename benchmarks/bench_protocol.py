@@ -15,9 +15,7 @@ those pass times as throughput (bytes/s, samples/s), and the median and p99 cost
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -27,34 +25,18 @@ from emgd import SAMPLE_RATE
 from emgd.drivers.protocol import StreamDecoder
 from emgd.drivers.sim import SimConfig, SimStream
 
+try:  # run as a script, the script's folder is on sys.path already
+    from _common import command_line, machine, median_p99, print_json
+except ModuleNotFoundError:  # imported from elsewhere
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import command_line, machine, median_p99, print_json
+
 STREAMS = {
     "int24": "sim?format=int24&frame=10",
     "int16": "sim?format=int16&frame=10",
     "int24_corrupt_1pct": "sim?format=int24&frame=10&corrupt=0.01",
 }
 CHUNKS = (512, 4096)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _machine() -> dict[str, object]:
-    return {
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "numpy": np.__version__,
-    }
 
 
 def bench(stream: bytes, chunk: int, repeats: int, samples: int, seconds: float) -> dict:
@@ -88,8 +70,7 @@ def bench(stream: bytes, chunk: int, repeats: int, samples: int, seconds: float)
         "chunk_bytes": chunk,
         "median": rates(float(np.median(passes))),
         "p99": rates(float(np.percentile(passes, 99))),  # the slow tail of pass times
-        "feed_call_ns": {"median": float(np.median(feed_ns)),
-                         "p99": float(np.percentile(feed_ns, 99))},
+        "feed_call_ns": median_p99(feed_ns),
     }
 
 
@@ -109,16 +90,16 @@ def main(argv: list[str] | None = None) -> int:
                    "realtime_bytes_per_s": len(stream) / args.seconds}
             row.update(bench(stream, chunk, args.repeats, samples, args.seconds))
             results.append(row)
-    print(json.dumps({
+    print_json({
         "benchmark": "protocol",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": _machine(),
+        "command": command_line(),
+        "machine": machine(),
         "seconds_of_signal": args.seconds,
         "repeats": args.repeats,
         "timer": "time.perf_counter_ns",
         "target_realtime_ratio": 50,
         "results": results,
-    }, indent=2))
+    })
     return 0
 
 

@@ -12,9 +12,7 @@ untimed loop of write+read pairs; ``realtime_ratio`` is that throughput over one
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -23,30 +21,13 @@ import numpy as np
 from emgd import N_CHANNELS, SAMPLE_RATE
 from emgd.ringbuffer import RingBuffer
 
+try:  # run as a script, the script's folder is on sys.path already
+    from _common import command_line, machine, median_p99, print_json
+except ModuleNotFoundError:  # imported from elsewhere
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import command_line, machine, median_p99, print_json
+
 BLOCKS = (10, 40, 320)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _machine() -> dict[str, object]:
-    return {
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "numpy": np.__version__,
-        "switch_interval_s": sys.getswitchinterval(),
-    }
 
 
 def bench_block(block: int, iterations: int, capacity: int) -> dict[str, object]:
@@ -85,8 +66,8 @@ def bench_block(block: int, iterations: int, capacity: int) -> dict[str, object]
     sps = loops * block / (elapsed * 1e-9)
     return {
         "block": block,
-        "write_ns": {"median": float(np.median(t_write)), "p99": float(np.percentile(t_write, 99))},
-        "read_ns": {"median": float(np.median(t_read)), "p99": float(np.percentile(t_read, 99))},
+        "write_ns": median_p99(t_write),
+        "read_ns": median_p99(t_read),
         "samples_per_s": sps,
         "realtime_ratio": sps / SAMPLE_RATE,
     }
@@ -98,17 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=2**16)
     args = parser.parse_args(argv)
     results = [bench_block(b, args.iterations, args.capacity) for b in BLOCKS]
-    print(json.dumps({
+    print_json({
         "benchmark": "ring",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": _machine(),
+        "command": command_line(),
+        "machine": machine(switch_interval_s=sys.getswitchinterval()),
         "channels": N_CHANNELS,
         "capacity": args.capacity,
         "iterations": args.iterations,
         "timer": "time.perf_counter_ns",
         "realtime_samples_per_s": SAMPLE_RATE,
         "results": results,
-    }, indent=2))
+    })
     return 0
 
 
