@@ -242,10 +242,8 @@ def cmd_build_random(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    try:
-        import onnx  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependency(f"quantising needs the onnx package: {CONVERT_HINT}") from exc
+    if importlib.util.find_spec("onnx") is None:
+        raise MissingDependency(f"quantising needs the onnx package: {CONVERT_HINT}")
     from emgd.models.quantize import quantize_model
     from emgd.modelcard import load_card
 
