@@ -72,7 +72,9 @@ def test_drivers_import_nothing_downstream(module):
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m.split(".")[1:2] and
                                     m.split(".")[1].startswith(("mpf", "decoders", "detection",
-                                                                "modelcard"))])
+                                                                "modelcard", "highpass",
+                                                                "onnxsession", "vocab",
+                                                                "stages"))])
 def test_features_and_decoders_import_no_io(module):
     assert _hits(module, ("emgd.drivers", "zmq", "emgd.cli", "emgd.daemon",
                           "emgd.publisher", "serial", "bleak", "torch")) == []
