@@ -43,6 +43,7 @@ class EventOptions:
     wrist_min_rad: float = -np.inf
     wrist_max_rad: float = np.inf
     wrist_smoothing: float = 0.0
+    gesture_batch_hops: int = 1  # gesture hops per session call (CPU vs latency)
     gesture_threshold: tuple[tuple[str, float], ...] = ()  # per-gesture overrides
     gesture_debounce_ms: tuple[tuple[str, float], ...] = ()
 
@@ -94,6 +95,8 @@ class DecoderStage:
                 self._hp_out = np.empty((MPF_CHUNK, 16), dtype=np.float32)
         if self.gesture is not None:
             self._gestures = self._gesture_detector(self.gesture.card, options)
+            # rows (samples) to gather before one session call: 1 hop = lowest latency
+            self._gesture_batch = self.gesture.unit * max(1, options.gesture_batch_hops)
         if self.handwriting is not None:
             blank = self.handwriting.card.output.blank
             self._ctc = CtcGreedyDecoder(blank=99 if blank is None else blank)
@@ -177,7 +180,7 @@ class DecoderStage:
             self._s0 = int(index[0])
         if self.gesture is not None:
             self.gesture.accept(data)
-            if self.gesture.ready():
+            if self.gesture.buffered >= self._gesture_batch:
                 self._gesture_step(index, t_recv, ctx)
         if self._mpf is not None:
             for a in range(0, data.shape[0], MPF_CHUNK):

@@ -91,12 +91,13 @@ def models(tmp_path_factory):
     return out, nets
 
 
-def _run(sub_topics, run_daemon, endpoints, models_dir, record):
+def _run(sub_topics, run_daemon, endpoints, models_dir, record, env=None):
     pub, ctl = endpoints
     received = []
     with Subscriber(pub, topics=sub_topics) as sub:
         daemon = run_daemon("--device", SIM, "--models", str(models_dir), "--record",
-                            str(record), "--pub", pub, "--ctl", ctl, "--log-level", "info")
+                            str(record), "--pub", pub, "--ctl", ctl, "--log-level", "info",
+                            env=env)
         last = None
         for event in sub.events(timeout=120):
             if event.kind == "status":
@@ -119,12 +120,14 @@ def _comparable(ev):
     return {k: v for k, v in ev.fields.items() if k not in TIMING}
 
 
+@pytest.mark.parametrize("batch_hops", [1, 4], ids=["hop-by-hop", "4-hop-batches"])
 def test_events_through_the_daemon_equal_the_offline_rules(models, run_daemon, endpoints,
-                                                           tmp_path):
+                                                           tmp_path, batch_hops):
     models_dir, nets = models
     record = tmp_path / "session.h5"
     received, log = _run(["gesture", "handwriting", "wrist", "status"], run_daemon, endpoints,
-                         models_dir, record)
+                         models_dir, record,
+                         env={"EMGD_GESTURE_BATCH_HOPS": str(batch_hops)})
     assert "models loaded" in log, log
 
     with h5py.File(record, "r") as f:
