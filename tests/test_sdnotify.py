@@ -297,12 +297,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(rx: Receiver, tmp_path) -> subprocess.Popen:
+def start_daemon(rx: Receiver, tmp_path, device: str = "sim") -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("EMGD_", "NOTIFY_", "WATCHDOG_"))}
     env.update(NOTIFY_SOCKET=rx.address, WATCHDOG_USEC="500000",
                NUMBA_CACHE_DIR=str(tmp_path / "numba"))
-    cmd = [sys.executable, "-m", "emgd", "--device", "sim",
+    cmd = [sys.executable, "-m", "emgd", "--device", device,
            "--pub", f"tcp://127.0.0.1:{free_port()}", "--ctl", f"tcp://127.0.0.1:{free_port()}",
            "--log-level", "info"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -348,4 +348,33 @@ def test_daemon_ready_status_watchdog_stopping(tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+        rx.close()
+
+
+@wired
+def test_daemon_watchdog_pings_stop_while_the_pipeline_is_stalled(tmp_path):
+    """A link that stalls (the band holds its bytes for 2 s, link still up): no progress,
+    so no WATCHDOG=1 — systemd would restart a daemon stalled for longer than WatchdogSec."""
+    rx = Receiver(str(tmp_path / "notify.sock"))
+    proc = start_daemon(rx, tmp_path, device="sim?pause=2&pause_every=3")
+    try:
+        collect_until(rx, proc, lambda g: "READY=1" in g, timeout=240)
+        pings: list[float] = []
+        deadline = time.monotonic() + 8.0
+        while time.monotonic() < deadline:
+            try:
+                msg = rx.recv(timeout=0.1)
+            except TimeoutError:
+                continue
+            if "WATCHDOG=1" in msg.split("\n"):
+                pings.append(time.monotonic())
+        assert len(pings) >= 4, pings  # it does ping while samples flow
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        # interval 0.25 s while flowing; a 2 s stall leaves a hole of well over 1 s
+        assert max(gaps) > 1.2, gaps
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
         rx.close()
