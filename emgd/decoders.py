@@ -46,6 +46,7 @@ import onnxruntime as ort
 from emgd.errors import ModelError
 from emgd.highpass import HighPass
 from emgd.modelcard import ModelCard, load_card
+from emgd.mpf_reference import FFT_HOP, MPF_STRIDE, MpfSetting
 from emgd.onnxsession import check_graph, open_session
 
 log = logging.getLogger(__name__)
@@ -142,9 +143,12 @@ class Decoder:
         """True when ``step()`` would run the network (a whole unit is buffered)."""
         return self._n >= self.unit
 
-    def step(self) -> StepOutput:
-        """Run every whole unit buffered; returns the new output rows (possibly none)."""
+    def step(self, max_units: int | None = None) -> StepOutput:
+        """Run every whole unit buffered (at most ``max_units`` of them, oldest first);
+        returns the new output rows (possibly none)."""
         units = self._n // self.unit
+        if max_units is not None:
+            units = min(units, max(int(max_units), 0))
         first = self.emitted
         if units == 0:
             return StepOutput(self._empty, first)
@@ -157,6 +161,7 @@ class Decoder:
         if rest:
             self._buf[:rest] = self._buf[used:self._n]
         self._n = rest
+        self.consumed += used
         self.emitted += len(values)
         return StepOutput(values, first)
 
@@ -164,6 +169,7 @@ class Decoder:
         """Start a new segment: initial state, nothing buffered, output index 0."""
         self.state = {k: v.copy() for k, v in self._initial.items()}
         self._n = 0
+        self.consumed = 0  # rows consumed by steps in this segment
         self.emitted = 0
 
     def warmup(self, units: int = 3) -> None:
@@ -332,7 +338,25 @@ class HandwritingDecoder(MpfDecoder):
                  capacity: int | None = None) -> None:
         if card.output.valid is None:
             raise ModelError(f"{card.path}: a handwriting decoder needs output.valid")
+        # MPF frame k of the segment ends at sample MPF_STRIDE·k + L (emgd.mpf_reference)
+        self._frame_lc = MpfSetting("input", card.input.mpf_window * FFT_HOP).left_context
         super().__init__(card, session, capacity)
+
+    def emits_within(self, units: int) -> bool:
+        """Whether running the next ``units`` calls would produce an output row (emission).
+
+        Emission ``emitted`` ends at sample ``output_sample(emitted)``, i.e. at MPF frame
+        ``(output_sample - L) / 40``; the next ``units`` calls consume frames
+        ``consumed .. consumed + unit·units - 1``. Lets the caller run calls that cannot emit
+        later (:class:`emgd.stages.DecoderStage`); a timing that does not fit this rule
+        reports True (run now), so a wrong guess can only cost time, never an output.
+        """
+        if units <= 0:
+            return False
+        last = self.output_sample(self.emitted) - self._frame_lc
+        if last % MPF_STRIDE:
+            return True
+        return last // MPF_STRIDE < self.consumed + self.unit * units
 
 
 __all__ = ["Decoder", "GestureDecoder", "HandwritingDecoder", "MpfDecoder", "StepOutput",

@@ -9,6 +9,18 @@ Sample indices: a segment starts at device index ``s0`` (the first sample after 
 A decoder's output ``j`` ends at segment sample ``card.output_sample(j)``, i.e. at device
 index ``s0 + card.output_sample(j)``; that is the event's ``sample``, and the arrival time
 of that sample is its ``t_recv_ns``.
+
+Order of work in one block (``process``): the gesture step and its events first; then the
+MPF extractor, the wrist step and the handwriting step when frames completed (every 40
+samples, so with 10-sample blocks one block in four). A handwriting call (one pair of MPF
+frames) emits only on every 4th call (``HandwritingDecoder.emits_within`` knows which from
+the card's timing); the others publish nothing, so they need not run in the already heavy
+frame block: they wait in the decoder's buffer and run one per *light* block (a block with no
+MPF frames), after that block's gesture events. A call that can emit, more than
+``HW_MAX_DEFERRED`` new calls, or any call when one still waits from an earlier frame block
+(no light block came: large blocks) runs at once with everything before it, so emissions come
+no later than without deferral; calls always run in order, and a reset drops what waits with
+the rest of the buffer. Published messages are the same either way.
 """
 
 from __future__ import annotations
@@ -31,6 +43,9 @@ log = logging.getLogger(__name__)
 
 TASKS = ("discrete_gestures", "handwriting", "wrist")
 MPF_CHUNK = 2000  # samples per MpfExtractor.push
+# Handwriting calls that cannot emit may wait for a light block (no MPF frames): at most this
+# many new ones per frame block, and only when none still waits from before.
+HW_MAX_DEFERRED = 1
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,8 @@ class DecoderStage:
                                           smoothing=options.wrist_smoothing)
         self._s0: int | None = None
         self._mpf_base = 0
+        self._mpf_frames = False
+        self.deferred_emissions = 0  # deferred handwriting calls that emitted (should stay 0)
         self.warmup_s = 0.0
         self.events = 0
 
@@ -183,8 +200,13 @@ class DecoderStage:
             if self.gesture.buffered >= self._gesture_batch:
                 self._gesture_step(index, t_recv, ctx)
         if self._mpf is not None:
+            self._mpf_frames = False
             for a in range(0, data.shape[0], MPF_CHUNK):
                 self._mpf_push(data[a:a + MPF_CHUNK], index, t_recv, ctx)
+            if (not self._mpf_frames and self.handwriting is not None
+                    and self.handwriting.ready()):
+                # a light block (gesture work only): one deferred handwriting call
+                self._handwriting_step(index, t_recv, ctx, max_units=1)
         if self.handwriting is not None and self.options.idle_s > 0:
             self._idle(int(index[-1]), int(t_recv[-1]), ctx)
 
@@ -211,12 +233,21 @@ class DecoderStage:
         if self._highpass is not None:
             x = self._highpass.process(x, out=self._hp_out[:x.shape[0]])
         n_hw, n_wr = self._mpf.push(x)
+        if n_hw or n_wr:
+            self._mpf_frames = True
         if n_wr and self.wrist is not None:
             self.wrist.accept(self._mpf.out_wrist[:n_wr])
             self._wrist_step(index, t_recv, ctx)
         if n_hw and self.handwriting is not None:
-            self.handwriting.accept(self._mpf.out_hw[:n_hw])
-            self._handwriting_step(index, t_recv, ctx)
+            dec = self.handwriting
+            backlog = dec.ready()  # deferred calls no light block has run yet
+            if dec.buffered + n_hw > dec.capacity:
+                self._handwriting_step(index, t_recv, ctx)  # make room: run the backlog
+            dec.accept(self._mpf.out_hw[:n_hw])
+            units = dec.buffered // dec.unit
+            if backlog or units > HW_MAX_DEFERRED or dec.emits_within(units):
+                self._handwriting_step(index, t_recv, ctx)
+            # else: no call can emit yet; they run one per light block (process), in order
 
     def _wrist_step(self, index: np.ndarray, t_recv: np.ndarray, ctx: Any) -> None:
         dec = self.wrist
@@ -233,11 +264,14 @@ class DecoderStage:
                          "position": float(w.position_rad)})
             self.events += 1
 
-    def _handwriting_step(self, index: np.ndarray, t_recv: np.ndarray, ctx: Any) -> None:
+    def _handwriting_step(self, index: np.ndarray, t_recv: np.ndarray, ctx: Any,
+                          max_units: int | None = None) -> None:
         dec = self.handwriting
-        out = dec.step()
+        out = dec.step(max_units)
         if len(out.values) == 0:
             return
+        if max_units is not None:  # a deferred call emitted: emits_within() was wrong
+            self.deferred_emissions += 1
         samples = np.array([self._s0 + dec.output_sample(out.first + j)
                             for j in range(len(out.values))], dtype=np.int64)
         if self.options.outputs:
