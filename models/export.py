@@ -104,8 +104,14 @@ def export_wrist_step(net: WristNet, path: str | PathLike[str]) -> Path:
 
 
 def _export(
-    step: nn.Module, x: torch.Tensor, state: dict[str, np.ndarray], path: str | PathLike[str]
+    step: nn.Module, x: torch.Tensor, state: dict[str, np.ndarray], path: str | PathLike[str],
+    *, outputs: tuple[str, ...] = ("y",), dynamic: bool = True,
+    quiet_modules: tuple[str, ...] = (),
 ) -> Path:
+    """Legacy export of a step graph: inputs ``x`` + state, outputs ``outputs`` + ``*_next``.
+
+    ``quiet_modules``: further modules whose TracerWarnings are known not to apply.
+    """
     path = Path(path)
     names = list(state)
     args = (x, *(torch.from_numpy(state[n]) for n in names))
@@ -113,6 +119,9 @@ def _export(
     try:
         with warnings.catch_warnings():
             _silence_known_export_warnings()
+            for module in quiet_modules:
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
+                                        module=module)
             torch.onnx.export(
                 step,
                 args,
@@ -120,8 +129,8 @@ def _export(
                 dynamo=False,
                 opset_version=OPSET,
                 input_names=["x", *names],
-                output_names=["y", *(f"{n}_next" for n in names)],
-                dynamic_axes={"x": {1: "time"}, "y": {1: "frames"}},
+                output_names=[*outputs, *(f"{n}_next" for n in names)],
+                dynamic_axes={"x": {1: "time"}, "y": {1: "frames"}} if dynamic else None,
             )
     finally:
         step.eval()  # a failed legacy export leaves the module in training mode

@@ -63,7 +63,6 @@ followed by ``.eval()`` (a failed export can leave the module in training mode).
 
 from __future__ import annotations
 
-import warnings
 from os import PathLike
 from pathlib import Path
 
@@ -71,7 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export import OPSET, _silence_known_export_warnings
+from .export import _export
 from .torch_blocks import ConformerBlock, WindowedAttention
 from .torchnets import HandwritingNet
 
@@ -179,28 +178,10 @@ def handwriting_initial_state(net: HandwritingNet) -> dict[str, np.ndarray]:
 
 def export_handwriting_step(net: HandwritingNet, path: str | PathLike[str]) -> Path:
     """Export :class:`HandwritingStep` to one self-contained ONNX file (weights embedded)."""
-    path = Path(path)
     channels = net.rotation_invariant_mlp.num_channels
-    step = HandwritingStep(net)
     x = torch.zeros(1, FRAMES_PER_CALL, 6, channels, channels)
     state = handwriting_initial_state(net)
-    args = (x, *(torch.from_numpy(state[n]) for n in STATE_NAMES))
-    step.eval()
-    try:
-        with warnings.catch_warnings():
-            _silence_known_export_warnings()
-            # The attention scale sqrt(D / heads) is traced as a constant: shapes are static.
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning,
-                                    module=r"emgd\.models\.torch_blocks")
-            torch.onnx.export(
-                step,
-                args,
-                str(path),
-                dynamo=False,
-                opset_version=OPSET,
-                input_names=["x", *STATE_NAMES],
-                output_names=["y", "valid", *(f"{n}_next" for n in STATE_NAMES)],
-            )
-    finally:
-        step.eval()  # a failed legacy export leaves the module in training mode
-    return path
+    # Static shapes; the attention scale sqrt(D / heads) is traced as a constant.
+    return _export(HandwritingStep(net), x, {n: state[n] for n in STATE_NAMES}, path,
+                   outputs=("y", "valid"), dynamic=False,
+                   quiet_modules=(r"emgd\.models\.torch_blocks",))

@@ -34,6 +34,7 @@ from emgd.detection import (
 )
 from emgd.events import unpack_event
 from emgd.vocab import BLANK
+from scaled_models import build_scaled
 
 pytestmark = pytest.mark.torch
 
@@ -41,7 +42,7 @@ N = 44_000  # 22 s: handwriting emits from sample 19853 on, every 320 samples
 SIM = f"sim?paced=0&limit={N}&seed=3"
 SEED = 2  # with these gains: no gesture probability within 2.8e-4 of 0.35 (P_MARGIN)
 GESTURE_GAIN = 16.0  # gesture projection (logits) scaled by this
-HANDWRITING_GAIN = 300.0  # handwriting output Linear, centred, scaled by this (see _scaled)
+HANDWRITING_GAIN = 300.0  # handwriting output Linear, centred, scaled by this (see scaled_models)
 P_MARGIN = 1e-4  # no gesture probability this close to 0.35 (torch vs ONNX: ~1e-7 in p)
 GAP_MARGIN = 1e-3  # no handwriting top-2 log-probabilities this close (a near tie)
 TOL = 1e-4
@@ -49,45 +50,11 @@ TIMING = ("t_recv_ns", "t_pub_ns")
 KINDS = ("gesture", "handwriting", "wrist")
 
 
-def _scaled(task: str, net):
-    """The output-layer scaling applied to the freshly made random network."""
-    with torch.no_grad():
-        if task == "discrete_gestures":
-            net.projection.weight.mul_(GESTURE_GAIN)
-            net.projection.bias.mul_(GESTURE_GAIN)
-        elif task == "handwriting":
-            # The small random conformer's output barely moves over time (std ~0.02 around a
-            # mean ~0.8 per feature), so argmax would be one label for ever. Centre the output
-            # Linear on the features' mean over seeded noise and amplify the rest.
-            feats = []
-            hook = net.conformer[2].register_forward_hook(lambda m, i, o: feats.append(o))
-            noise = 25.0 * torch.randn(1, 16, 30_000,
-                                       generator=torch.Generator().manual_seed(0))
-            net(noise)
-            hook.remove()
-            lin = net.conformer[3]
-            lin.weight.mul_(HANDWRITING_GAIN)
-            lin.bias.copy_(-lin.weight @ feats[0][0].mean(0))
-    return net
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Exported models (dir) and the identical torch networks, built once."""
-    build = pytest.importorskip("emgd.models.build")
-    if not build.handwriting_available():
-        pytest.skip("handwriting exporter missing")
     out = tmp_path_factory.mktemp("models")
-    mp = pytest.MonkeyPatch()
-    real = build.make_net
-    mp.setattr(build, "make_net", lambda task, size="full", seed=0:
-               _scaled(task, real(task, size, seed)))
-    try:
-        build.build_models(out, None, seed=SEED, size="small", scale=1.0, highpass_hz=0.0)
-    finally:
-        mp.undo()
-    nets = {task: _scaled(task, build.make_net(task, "small", SEED)).eval()
-            for task in ("discrete_gestures", "handwriting", "wrist")}
+    nets = build_scaled(out, SEED, gesture_gain=GESTURE_GAIN, handwriting_gain=HANDWRITING_GAIN)
     return out, nets
 
 

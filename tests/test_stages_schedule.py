@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 
 from emgd import stages
 from emgd.stages import DecoderStage, EventOptions, find_model_cards
+from scaled_models import build_scaled
 
 pytestmark = pytest.mark.torch
 
@@ -28,34 +29,10 @@ RESET_AT = 3_000  # a reset (gap) here moves the origin: 23 000 samples in the s
 HANDWRITING_GAIN = 300.0
 
 
-def _scaled(task, net):
-    """Handwriting output Linear amplified (as in test_decoder_events_e2e), so keys happen."""
-    if task == "handwriting":
-        with torch.no_grad():
-            feats = []
-            hook = net.conformer[2].register_forward_hook(lambda m, i, o: feats.append(o))
-            net(25.0 * torch.randn(1, 16, 30_000, generator=torch.Generator().manual_seed(0)))
-            hook.remove()
-            lin = net.conformer[3]
-            lin.weight.mul_(HANDWRITING_GAIN)
-            lin.bias.copy_(-lin.weight @ feats[0][0].mean(0))
-    return net
-
-
 @pytest.fixture(scope="module")
 def cards(tmp_path_factory):
-    build = pytest.importorskip("emgd.models.build")
-    if not build.handwriting_available():
-        pytest.skip("handwriting exporter missing")
     out = tmp_path_factory.mktemp("models")
-    mp = pytest.MonkeyPatch()
-    real = build.make_net
-    mp.setattr(build, "make_net", lambda task, size="full", seed=0:
-               _scaled(task, real(task, size, seed)))
-    try:
-        build.build_models(out, None, seed=2, size="small", scale=1.0, highpass_hz=0.0)
-    finally:
-        mp.undo()
+    build_scaled(out, 2, handwriting_gain=HANDWRITING_GAIN)
     return find_model_cards([out])
 
 
