@@ -249,16 +249,21 @@ class DecoderStage:
                 self._handwriting_step(index, t_recv, ctx)
             # else: no call can emit yet; they run one per light block (process), in order
 
+    def _output_samples(self, dec: Decoder, out: Any) -> np.ndarray:
+        """Device index of the last sample of each new output row (outputs are ``hop`` apart)."""
+        first = self._s0 + dec.output_sample(out.first)
+        return first + dec.card.timing.hop * np.arange(len(out.values), dtype=np.int64)
+
     def _wrist_step(self, index: np.ndarray, t_recv: np.ndarray, ctx: Any) -> None:
         dec = self.wrist
         out = dec.step()
         if len(out.values) == 0:
             return
-        samples = [self._s0 + dec.output_sample(out.first + j) for j in range(len(out.values))]
+        samples = self._output_samples(dec, out)
         if self.options.outputs:
-            self._publish_outputs(ctx, "wrist", out.values, samples[0], dec.card.timing.hop,
-                                  index, t_recv)
-        for w in self._wrist.push(out.values[:, 0], np.asarray(samples, dtype=np.int64)):
+            self._publish_outputs(ctx, "wrist", out.values, int(samples[0]),
+                                  dec.card.timing.hop, index, t_recv)
+        for w in self._wrist.push(out.values[:, 0], samples):
             ctx.publish("wrist", w.sample, self._t_recv(w.sample, index, t_recv),
                         {"value": float(w.value), "velocity": float(w.velocity_deg_s),
                          "position": float(w.position_rad)})
@@ -272,8 +277,7 @@ class DecoderStage:
             return
         if max_units is not None:  # a deferred call emitted: emits_within() was wrong
             self.deferred_emissions += 1
-        samples = np.array([self._s0 + dec.output_sample(out.first + j)
-                            for j in range(len(out.values))], dtype=np.int64)
+        samples = self._output_samples(dec, out)
         if self.options.outputs:
             self._publish_outputs(ctx, "handwriting", out.values, int(samples[0]),
                                   dec.card.timing.hop, index, t_recv)
