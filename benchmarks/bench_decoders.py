@@ -27,6 +27,10 @@ Full-size networks with seeded random weights (``build_models``), seeded synthet
   output bias moved so that about one event per second crosses the threshold is quantised
   and checked the same way (``events_model``). Multiplying the projection weights instead
   would scale the int8 error and the logit slope alike and change nothing (measured).
+- ``native_int16`` (the daemon's default, ``lstm_kernel = "int16"``) and ``native_float32``:
+  gestures and wrist run in emgd's Numba kernel (``emgd/native.py``) with the LSTM matrices
+  as int16 rows + float32 scales, or float32; handwriting in ONNX Runtime. Their outputs are
+  also compared with the offline PyTorch forward (``accuracy_vs_offline_pytorch``).
 - ``fp32_all_gestures_block40``: the gesture decoder fed whole 40-sample blocks (4 hops per
   session call): cheaper per hop, but an output waits up to 15 ms longer.
 
@@ -83,11 +87,14 @@ EVENTS_PER_S = 1.0  # the events model's target event rate
 # --------------------------------------------------------------------------- streaming
 
 
-def stream_pass(cards: dict[str, Path], level: str, emg: np.ndarray, chunk: int = 10) -> dict:
+def stream_pass(cards: dict[str, Path], level: str, emg: np.ndarray, chunk: int = 10,
+                kernel: str = "onnx") -> dict:
     """One streaming pass of all three decoders; latencies (ns), CPU (ns) and outputs.
 
-    ``chunk``: samples per gesture ``accept`` (10: a step per hop; 40: four hops per call)."""
-    decs = {t: load_decoder(cards[t], optimization=level) for t in TASKS}
+    ``chunk``: samples per gesture ``accept`` (10: a step per hop; 40: four hops per call).
+    ``kernel``: the decoders' ``lstm_kernel`` (``onnx``, or emgd's ``int16``/``float32``
+    Numba kernel for gestures and wrist; handwriting always runs in ONNX Runtime)."""
+    decs = {t: load_decoder(cards[t], optimization=level, lstm_kernel=kernel) for t in TASKS}
     for d in decs.values():
         d.warmup()
     g, w, h = decs["discrete_gestures"], decs["wrist"], decs["handwriting"]
@@ -190,7 +197,7 @@ def accuracy(card, ref: np.ndarray, got: np.ndarray) -> dict:
 
 
 def events_model(fp32_card: Path, logits: np.ndarray, floor_logits: np.ndarray, tmp: Path,
-                 emg: np.ndarray, data_seed: int) -> dict:
+                 emg: np.ndarray, data_seed: int, native_logits: np.ndarray) -> dict:
     """Gesture graph with the output bias moved to ~1 event/s, quantised and checked."""
     card = load_card(fp32_card)
     model = onnx.load(str(card.onnx_path))
@@ -230,6 +237,8 @@ def events_model(fp32_card: Path, logits: np.ndarray, floor_logits: np.ndarray, 
         "int8_vs_fp32_streamed": {k: v for k, v in int8.provenance.items()
                                   if k.startswith("quant")},
         "int8_vs_fp32_events": event_diff(floor_card, shifted_ref, int8_logits),
+        "native_int16_vs_fp32_events": event_diff(floor_card, shifted_ref,
+                                                   native_logits - bias + new_bias),
         "fp32_basic_vs_all_post_hoc_shift": event_diff(floor_card, shifted_ref, shifted_floor),
     }
 
@@ -300,13 +309,16 @@ def main() -> None:
         result["quantize_model_provenance"] = {
             SHORT[t]: {k: v for k, v in load_card(int8[t]).provenance.items()
                        if k.startswith("quant")} for t in TASKS}
-        variants = {  # name: (cards, ORT level, samples per gesture accept)
-            "fp32_all": (fp32, "all", 10),
-            "fp32_basic": (fp32, "basic", 10),
-            "int8_all": (int8, "all", 10),
-            "int8_basic": (int8, "basic", 10),
-            "int8_gestures_wrist_all": ({**int8, "handwriting": fp32["handwriting"]}, "all", 10),
-            "fp32_all_gestures_block40": (fp32, "all", 40),
+        variants = {  # name: (cards, ORT level, samples per gesture accept, lstm_kernel)
+            "fp32_all": (fp32, "all", 10, "onnx"),
+            "native_int16": (fp32, "all", 10, "int16"),  # the daemon's default
+            "native_float32": (fp32, "all", 10, "float32"),
+            "fp32_basic": (fp32, "basic", 10, "onnx"),
+            "int8_all": (int8, "all", 10, "onnx"),
+            "int8_basic": (int8, "basic", 10, "onnx"),
+            "int8_gestures_wrist_all": ({**int8, "handwriting": fp32["handwriting"]}, "all", 10,
+                                        "onnx"),
+            "fp32_all_gestures_block40": (fp32, "all", 40, "onnx"),
         }
         nets = {t: make_net(t, "full", args.seed) for t in TASKS}
         hz = load_card(fp32["discrete_gestures"]).input.highpass_hz
@@ -316,8 +328,8 @@ def main() -> None:
         offline: list[dict] = []
         for _ in range(args.repeat):  # interleaved, so drifting load hits all alike
             offline.append(offline_pass(nets, emg, hz))
-            for name, (cards, level, chunk) in variants.items():
-                passes[name].append(stream_pass(cards, level, emg, chunk))
+            for name, (cards, level, chunk, kernel) in variants.items():
+                passes[name].append(stream_pass(cards, level, emg, chunk, kernel))
         off_cpu = {SHORT[t]: round(float(np.median([o["cpu"][t] for o in offline])) / 1e9
                                    / seconds, 4) for t in TASKS}
         off_cpu["highpass"] = round(float(np.median([o["cpu"]["highpass"] for o in offline]))
@@ -342,11 +354,16 @@ def main() -> None:
                 got = passes[v][0]["outputs"]
                 acc[v] = {SHORT[t]: accuracy(cards[t], ref[t], got[t]) for t in TASKS}
         result["accuracy_vs_fp32_all_streaming"] = acc
+        result["accuracy_vs_offline_pytorch"] = {
+            v: {SHORT[t]: accuracy(cards[t], offline[0]["outputs"][t], passes[v][0]["outputs"][t])
+                for t in TASKS} for v in ("fp32_all", "native_int16", "native_float32")}
         result["events_model"] = events_model(
             fp32["discrete_gestures"], ref["discrete_gestures"],
-            passes["fp32_basic"][0]["outputs"]["discrete_gestures"], tmp, emg, args.data_seed)
+            passes["fp32_basic"][0]["outputs"]["discrete_gestures"], tmp, emg, args.data_seed,
+            passes["native_int16"][0]["outputs"]["discrete_gestures"])
     result["target"] = {
         "ratio_at_most": TARGET_RATIO,
+        "default_variant": "native_int16 (lstm_kernel = \"int16\", one call per hop)",
         **{f"{v}_meets": s["meets_1_5x_target"] for v, s in summaries.items()}}
     result["run_s"] = round(time.perf_counter() - t_run, 1)
     text = dumps(result)

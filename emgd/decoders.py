@@ -47,11 +47,15 @@ from emgd.errors import ModelError
 from emgd.highpass import HighPass
 from emgd.modelcard import ModelCard, load_card
 from emgd.mpf_reference import FFT_HOP, MPF_STRIDE, MpfSetting
+from emgd.native import NativeNet, load_native
 from emgd.onnxsession import check_graph, open_session
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY_S = 1.0  # buffered input a decoder holds between steps, in seconds of EMG
+LSTM_KERNELS = ("int16", "float32", "onnx")
+# native kernel vs graph on the load-time probe, relative to max(1, max |output|)
+NATIVE_TOL = {"int16": 2e-3, "float32": 1e-4}
 
 
 class StepOutput(NamedTuple):
@@ -67,20 +71,65 @@ class StepOutput(NamedTuple):
 
 def load_decoder(card_path: str | PathLike[str], *, threads: int = 1,
                  optimization: str | None = None, capacity: int | None = None,
-                 verify: bool = True) -> Decoder:
+                 verify: bool = True, lstm_kernel: str = "onnx") -> Decoder:
     """Load a card, check its file(s) and graph, and build the decoder its input kind needs.
 
     ``capacity`` is the most input rows (samples or frames) held between steps. ``verify``
     checks the ONNX file's sha256 against the card (turn off only for files you just built).
+    ``lstm_kernel``: ``"onnx"`` runs the graph in ONNX Runtime; ``"int16"`` or ``"float32"``
+    run emgd's Numba kernel (:mod:`emgd.native`) on the card's ``[native]`` weights, after
+    checking it against the graph on a probe input (cards without ``[native]``, such as
+    handwriting, always run in ONNX Runtime).
     """
     card = load_card(card_path)
+    if lstm_kernel not in LSTM_KERNELS:
+        raise ModelError(f"lstm_kernel must be one of {', '.join(LSTM_KERNELS)}, "
+                         f"got {lstm_kernel!r}")
     session = open_session(card, threads=threads, optimization=optimization, verify=verify)
     check_graph(card, session)
     if card.input.kind == "emg":
-        return GestureDecoder(card, session, capacity)
-    if card.output.valid is not None:
-        return HandwritingDecoder(card, session, capacity)
-    return MpfDecoder(card, session, capacity)
+        decoder: Decoder = GestureDecoder(card, session, capacity)
+    elif card.output.valid is not None:
+        decoder = HandwritingDecoder(card, session, capacity)
+    else:
+        decoder = MpfDecoder(card, session, capacity)
+    if lstm_kernel != "onnx" and card.native is not None:
+        native = load_native(card, lstm_kernel, decoder.capacity, verify=verify)
+        check_native(card, session, native)
+        decoder.native = native
+    return decoder
+
+
+def check_native(card: ModelCard, session: ort.InferenceSession, native: NativeNet) -> float:
+    """Run a seeded probe through the graph and the native kernel from the initial state;
+    ModelError when they disagree by more than the precision allows. Returns the difference."""
+    rng = np.random.default_rng(20251125)
+    state = card.initial_state()
+    inp = card.input
+    if inp.kind == "emg":
+        prime = inp.prime
+        assert prime is not None
+        emg = (rng.standard_normal((prime.samples + 40 * inp.unit, inp.channels)) * 30.0
+               ).astype(np.float32)
+        state[prime.state] = prime.apply(emg[:prime.samples])[None]
+        x = emg[prime.samples:]
+    else:
+        x = rng.standard_normal((20, *inp.row_shape)).astype(np.float32)
+    names = [s.name for s in card.states]
+    want = session.run(["y"], {"x": x[None], **state})[0][0]
+    got = native.run(x, {k: v.copy() for k, v in state.items() if k in names})
+    diff = float(np.max(np.abs(got - want))) if want.size else 0.0
+    tol = (NATIVE_TOL[native.precision] * max(1.0, float(np.max(np.abs(want))))
+           if want.size else 0.0)
+    if not diff <= tol:
+        raise ModelError(
+            f"{card.path}: the native weights {card.native_path} disagree with the ONNX graph "
+            f"{card.onnx_path} by {diff:.3g} on a probe input (tolerance {tol:.3g} for "
+            f"{native.precision}): they are not the same network. Re-run 'emgd models import' "
+            "(or 'build-random') to regenerate both, or set lstm_kernel = \"onnx\"")
+    log.debug("%s: native %s kernel matches the graph to %.2g", card.name, native.precision,
+              diff)
+    return diff
 
 
 def mpf_highpass(cards: list[ModelCard]) -> tuple[float, int] | None:
@@ -131,6 +180,7 @@ class Decoder:
         self._empty = np.zeros((0, n_labels), dtype=np.float32)
         self.emitted = 0  # outputs produced in this segment
         self.steps = 0  # session calls since construction
+        self.native: NativeNet | None = None  # set by load_decoder: runs instead of the graph
         self.reset()
 
     # ------------------------------------------------------------------ public API
@@ -190,7 +240,16 @@ class Decoder:
 
     # ------------------------------------------------------------------ internals
 
+    @property
+    def backend(self) -> str:
+        """What runs the network: ``onnx`` or ``native-int16`` / ``native-float32``."""
+        return "onnx" if self.native is None else f"native-{self.native.precision}"
+
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        if self.native is not None:
+            y = self.native.run(x[0], self.state)
+            self.steps += 1
+            return [y[None]]
         feeds = self._feeds
         feeds["x"] = x
         for name in self._names:

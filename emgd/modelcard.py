@@ -141,6 +141,19 @@ class StateSpec:
 
 
 @dataclass(frozen=True)
+class NativeSpec:
+    """``[native]``: the network's weights for emgd's Numba step kernel (:mod:`emgd.native`)."""
+
+    kernel: str  # "gestures_lstm" or "wrist_lstm"
+    file: str  # .npz of the state_dict (float32), next to the card
+    sha256: str
+    # measured by the exporter: int16 LSTM rows against float32, same weights, offline
+    int16_max_abs_delta: float | None = None
+    int16_events_identical: bool | None = None
+    test_data: str = ""
+
+
+@dataclass(frozen=True)
 class ModelCard:
     name: str
     task: str
@@ -154,6 +167,7 @@ class ModelCard:
     events: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Scalar] = field(default_factory=dict)
     schema: int = SCHEMA
+    native: NativeSpec | None = None
     path: Path | None = field(default=None, compare=False)  # where it was loaded from
 
     @property
@@ -167,6 +181,13 @@ class ModelCard:
             return None
         base = self.path.parent if self.path is not None else Path(".")
         return base / self.model.data_file
+
+    @property
+    def native_path(self) -> Path | None:
+        if self.native is None:
+            return None
+        base = self.path.parent if self.path is not None else Path(".")
+        return base / self.native.file
 
     def initial_state(self) -> dict[str, np.ndarray]:
         return {s.name: s.initial() for s in self.states}
@@ -217,6 +238,7 @@ def parse_card(data: Mapping[str, Any], source: str = "<card>") -> ModelCard:
         events=_free(r.table("events", optional=True)),
         provenance=_provenance(r.table("provenance")),
         schema=schema,
+        native=_native(r.table("native", optional=True), task),
     )
     r.done()
     _cross_check(card, source)
@@ -239,6 +261,30 @@ def _model(r: TableReader) -> ModelFile:
         if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):
             raise r.error(key, f"must be a file name next to the card, got {name!r}")
     return m
+
+
+NATIVE_KERNELS = {"discrete_gestures": "gestures_lstm", "wrist": "wrist_lstm"}
+
+
+def _native(r: TableReader | None, task: str) -> NativeSpec | None:
+    if r is None:
+        return None
+    kernels = (NATIVE_KERNELS[task],) if task in NATIVE_KERNELS else ()
+    if not kernels:
+        raise r.error("kernel", f"task {task} has no native kernel (only "
+                                f"{', '.join(NATIVE_KERNELS)})")
+    n = NativeSpec(
+        kernel=r.choice("kernel", kernels),
+        file=r.text("file"),
+        sha256=r.sha256("sha256"),
+        int16_max_abs_delta=r.number("int16_max_abs_delta", None, minimum=0.0),
+        int16_events_identical=r.flag("int16_events_identical", None),
+        test_data=r.text("test_data", ""),
+    )
+    r.done()
+    if Path(n.file).is_absolute() or ".." in Path(n.file).parts:
+        raise r.error("file", f"must be a file name next to the card, got {n.file!r}")
+    return n
 
 
 def _input(r: TableReader, task: str) -> InputSpec:

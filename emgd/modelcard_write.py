@@ -47,6 +47,12 @@ def card_to_dict(card: ModelCard) -> dict[str, Any]:
                    "output_rate_hz": t.output_rate_hz},
         "output": out,
         **({"events": dict(card.events)} if card.events else {}),
+        **({"native": _drop_none({
+            "kernel": card.native.kernel, "file": card.native.file,
+            "sha256": card.native.sha256,
+            "int16_max_abs_delta": card.native.int16_max_abs_delta,
+            "int16_events_identical": card.native.int16_events_identical,
+            "test_data": card.native.test_data or None})} if card.native else {}),
         "provenance": dict(card.provenance),
         "state": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype, "init": s.init}
                   for s in card.states],

@@ -37,8 +37,10 @@ from emgd.errors import ModelError
 from emgd.modelcard import (
     SCHEMA,
     InputSpec,
+    load_card,
     ModelCard,
     ModelFile,
+    NativeSpec,
     OutputSpec,
     Prime,
     StateSpec,
@@ -84,6 +86,7 @@ class Built:
     task: str
     card: Path
     onnx: Path
+    native: Path | None = None  # the [native] weights (gestures, wrist)
 
 
 def handwriting_available() -> bool:
@@ -143,7 +146,8 @@ def build_models(
             log.warning("skipping handwriting: %s is not installed", HANDWRITING_EXPORT)
             chosen.remove("handwriting")
         jobs = [(t, _random_source(t, size, seed)) for t in chosen]
-    targets = [out / f"{task}{ext}" for task, _ in jobs for ext in (".onnx", ".toml")]
+    targets = [out / f"{task}{ext}" for task, _ in jobs
+               for ext in (".onnx", ".toml", ".native.npz")]
     clash = [str(p) for p in targets if p.exists()]
     if clash and not force:
         raise ModelError(f"refusing to overwrite {', '.join(clash)} (use --force)")
@@ -155,8 +159,12 @@ def build_models(
         for b in staged:
             onnx_dst, card_dst = out / b.onnx.name, out / b.card.name
             shutil.move(b.onnx, onnx_dst)
+            native_dst = None
+            if b.native is not None:
+                native_dst = out / b.native.name
+                shutil.move(b.native, native_dst)
             shutil.move(b.card, card_dst)  # the card last: a card never names a missing file
-            built.append(Built(b.task, card_dst, onnx_dst))
+            built.append(Built(b.task, card_dst, onnx_dst, native_dst))
     return built
 
 
@@ -234,6 +242,7 @@ def _build_one(tmp: Path, task: str, source: _Source, scale: float, highpass_hz:
         spec = _handwriting_spec(net.rotation_invariant_mlp.num_channels, scale, highpass_hz,
                                  source.scale_note, hw.FRAMES_PER_CALL)
     net.eval()  # a failed export may leave the module in training mode
+    native = _native_sidecar(tmp, task, net, scale, highpass_hz)
     if (tmp / f"{task}.onnx.data").exists():
         raise ModelError(f"{task}: the exporter wrote external data; expected one file")
     provenance = {
@@ -260,19 +269,83 @@ def _build_one(tmp: Path, task: str, source: _Source, scale: float, highpass_hz:
         events=events,
         provenance=provenance,
         schema=SCHEMA,
+        native=native,
     )
     if any(np.any(a != 0) for a in state.values()):
         raise ModelError(f"{task}: a non-zero initial state cannot be written as a card init")
     card_path = write_card(card, tmp / f"{task}.toml")
     _check_loads(card_path)
-    return Built(task, card_path, onnx_path)
+    return Built(task, card_path, onnx_path,
+                 card_path.parent / native.file if native is not None else None)
+
+
+NATIVE_TEST_SECONDS = 10.0
+NATIVE_TEST_DATA = (f"emgd.drivers.simsignal.SignalGenerator(seed=0), "
+                    f"{NATIVE_TEST_SECONDS:g} s, offline forward")
+
+
+def _native_sidecar(tmp: Path, task: str, net: nn.Module, scale: float,
+                    highpass_hz: float) -> NativeSpec | None:
+    """Write ``<task>.native.npz`` (the state_dict, float32) for emgd's Numba LSTM kernel and
+    measure what int16 LSTM rows change: the offline forward with the LSTM matrices rounded
+    to int16 rows against float32, on seeded simulator EMG."""
+    from emgd.modelcard import NATIVE_KERNELS
+    from emgd.native import quantize_rows
+
+    if task not in NATIVE_KERNELS:
+        return None
+    arrays = {k: v.detach().cpu().numpy().astype(np.float32)
+              for k, v in net.state_dict().items()
+              if not k.startswith("mpf_featurizer.")}
+    if task == "wrist":
+        arrays["rotation_gather"] = (net.rotation_invariant_mlp.rotation_indices
+                                     .cpu().numpy().astype(np.int64))
+    path = tmp / f"{task}.native.npz"
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    delta, same = _int16_delta(task, net, scale, highpass_hz, quantize_rows)
+    return NativeSpec(kernel=NATIVE_KERNELS[task], file=path.name, sha256=file_sha256(path),
+                      int16_max_abs_delta=float(f"{delta:.3g}"),
+                      int16_events_identical=same, test_data=NATIVE_TEST_DATA)
+
+
+def _int16_delta(task: str, net: nn.Module, scale: float, highpass_hz: float,
+                 quantize_rows: Callable) -> tuple[float, bool | None]:
+    import copy
+
+    from emgd.detection import detect_offline
+    from emgd.drivers.simsignal import SignalGenerator
+    from emgd.highpass import HighPass
+
+    n = int(NATIVE_TEST_SECONDS * 2000)
+    emg = SignalGenerator(seed=0).generate(n).astype(np.float32) * np.float32(scale)
+    if highpass_hz:
+        emg = HighPass(highpass_hz, 2000.0).process(emg)
+    x = torch.from_numpy(np.ascontiguousarray(emg.T[None]))
+    rounded = copy.deepcopy(net).eval()
+    with torch.no_grad():
+        for name, p in rounded.lstm.named_parameters():
+            if name.startswith("weight_"):
+                q, sc = quantize_rows(p.numpy())
+                p.copy_(torch.from_numpy(q.astype(np.float32) * sc[:, None]))
+        y = net(x)[0].T.numpy()
+        yq = rounded(x)[0].T.numpy()
+    delta = float(np.max(np.abs(y - yq))) if y.size else 0.0
+    if task != "discrete_gestures":
+        return delta, None
+    a = [(h.name, h.sample) for h in detect_offline(y)]
+    b = [(h.name, h.sample) for h in detect_offline(yq)]
+    return delta, a == b
 
 
 def _check_loads(card_path: Path) -> None:
-    """The runtime's own loader must accept what was just written."""
+    """The runtime's own loader must accept what was just written, in every backend."""
     from emgd.decoders import load_decoder
 
     load_decoder(card_path)
+    if load_card(card_path).native is not None:
+        load_decoder(card_path, lstm_kernel="float32")
+        load_decoder(card_path, lstm_kernel="int16")
 
 
 def _gestures_spec(channels: int, scale: float, highpass_hz: float, note: str) -> tuple:
