@@ -180,6 +180,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     problem = None
     try:
         load_decoder(path)
+        if card.native is not None:  # the sidecar, and the kernel against the graph
+            load_decoder(path, lstm_kernel="int16")
     except ModelError as exc:
         problem = str(exc)
     if args.json:
@@ -215,10 +217,21 @@ def _print_card(card: Any, path: Path) -> None:
         ("output", f"{o.kind}: {labels}" + (f"; blank {o.blank}" if o.blank is not None else "")),
         ("state", ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in card.states)),
         ("events", ", ".join(f"{k}={v}" for k, v in card.events.items()) or "-"),
+        ("native", _native_line(card)),
         ("provenance", ", ".join(f"{k}={v}" for k, v in card.provenance.items())),
     ]
     for key, value in rows:
         print(f"{key:<10} {value}")
+
+
+def _native_line(card: Any) -> str:
+    n = card.native
+    if n is None:
+        return "- (runs in ONNX Runtime only)"
+    same = {True: "events identical", False: "events CHANGED", None: ""}[n.int16_events_identical]
+    delta = (f"; int16 rows vs float32: max |Δ| {n.int16_max_abs_delta:g}"
+             f"{', ' + same if same else ''}" if n.int16_max_abs_delta is not None else "")
+    return f"{n.kernel} kernel, weights {n.file} sha256 {n.sha256[:16]}…{delta}"
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -227,7 +240,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     built = build.build_models(out, args.task, checkpoint=args.checkpoint, scale=args.scale,
                                highpass_hz=args.highpass, force=args.force)
     for b in built:
-        print(f"imported {b.task}: {b.card} + {b.onnx.name} (scale {args.scale:g}, "
+        extra = f" + {b.native.name}" if b.native is not None else ""
+        print(f"imported {b.task}: {b.card} + {b.onnx.name}{extra} (scale {args.scale:g}, "
               f"high-pass {args.highpass:g} Hz)")
     return 0
 

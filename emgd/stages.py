@@ -59,6 +59,7 @@ class EventOptions:
     wrist_max_rad: float = np.inf
     wrist_smoothing: float = 0.0
     gesture_batch_hops: int = 1  # gesture hops per session call (CPU vs latency)
+    lstm_kernel: str = "int16"  # gestures/wrist: emgd's Numba kernel, or "onnx"
     gesture_threshold: tuple[tuple[str, float], ...] = ()  # per-gesture overrides
     gesture_debounce_ms: tuple[tuple[str, float], ...] = ()
 
@@ -90,7 +91,7 @@ class DecoderStage:
         self.decoders: dict[str, Decoder] = {}
         for task in TASKS:
             if task in cards:
-                self.decoders[task] = load_decoder(cards[task])
+                self.decoders[task] = load_decoder(cards[task], lstm_kernel=options.lstm_kernel)
         self.gesture = self.decoders.get("discrete_gestures")
         self.wrist = self.decoders.get("wrist")
         self.handwriting = self.decoders.get("handwriting")
@@ -164,7 +165,8 @@ class DecoderStage:
         """For ``status``: which model runs each task, warm-up time, finger state."""
         out: dict[str, Any] = {
             "loaded": {task: {"name": d.card.name, "licence": d.card.licence,
-                              "source": d.card.provenance.get("source")}
+                              "source": d.card.provenance.get("source"),
+                              "backend": d.backend}
                        for task, d in self.decoders.items()},
             "warmup_s": round(self.warmup_s, 3),
             "events": self.events,

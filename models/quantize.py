@@ -199,7 +199,8 @@ def quantize_model(card_path: str | PathLike[str], out_dir: str | PathLike[str],
             description=f"{card.description} -- dynamic int8 quantisation of {card.model.file}",
             model=dataclasses.replace(card.model, file=onnx_path.name,
                                       sha256=file_sha256(onnx_path)),
-            provenance=provenance)
+            provenance=provenance,
+            native=None)  # the int8 graph is the network now: no float weights beside it
         staged = write_card(new, Path(tmp) / targets[1].name)
         check = compare(card.path or card_path, staged, test_signal(seconds, seed))
         provenance.update(_check_provenance(check, seconds, seed))

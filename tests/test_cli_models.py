@@ -33,7 +33,8 @@ def small_models(tmp_path_factory):
 @pytest.mark.torch
 def test_build_random_list_and_info(small_models, capsys):
     assert sorted(p.name for p in small_models.iterdir()) == [
-        "discrete_gestures.onnx", "discrete_gestures.toml", "wrist.onnx", "wrist.toml"]
+        "discrete_gestures.native.npz", "discrete_gestures.onnx", "discrete_gestures.toml",
+        "wrist.native.npz", "wrist.onnx", "wrist.toml"]
     capsys.readouterr()
     assert main(["models", "list", "--models", str(small_models)]) == 0
     listed = capsys.readouterr().out
@@ -43,7 +44,9 @@ def test_build_random_list_and_info(small_models, capsys):
     assert info["check"] == "ok" and info["task"] == "wrist"
     assert info["provenance"]["seed"] == 1 and info["input"]["highpass_hz"] == 40.0
     assert main(["models", "info", str(small_models / "discrete_gestures.onnx")]) == 0
-    assert "check      ok" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "check      ok" in text
+    assert "native     gestures_lstm kernel, weights discrete_gestures.native.npz" in text
 
 
 @pytest.mark.torch
@@ -108,7 +111,8 @@ def test_import_reference_checkpoint(ckpt_tools, tmp_path, user_dir, capsys):
     ckpt = tmp_path / "model_checkpoint.ckpt"
     net = ckpt_tools.write_checkpoint(ckpt, "wrist")
     assert main(["models", "import", str(ckpt), "--scale", "2.5"]) == 0
-    assert sorted(p.name for p in user_dir.iterdir()) == ["wrist.onnx", "wrist.toml"]
+    assert sorted(p.name for p in user_dir.iterdir()) == ["wrist.native.npz", "wrist.onnx",
+                                                          "wrist.toml"]
     capsys.readouterr()
     assert main(["models", "info", "wrist", "--json"]) == 0  # found in the user folder
     info = json.loads(capsys.readouterr().out)
