@@ -174,8 +174,9 @@ class Daemon:
             gesture_threshold=tuple(sorted(s.gesture_threshold.items())),
             gesture_debounce_ms=tuple(sorted(s.gesture_debounce_ms.items()))))
         seconds = stage.warmup()
-        log.info("models loaded and warmed up in %.2f s: %s", seconds,
-                 ", ".join(f"{t}={p.name}" for t, p in cards.items()))
+        log.info("models loaded and warmed up in %.2f s: %s (backends: %s)", seconds,
+                 ", ".join(f"{t}={p.name}" for t, p in cards.items()),
+                 ", ".join(f"{t}={d.backend}" for t, d in stage.decoders.items()))
         return stage
 
     def reload_models(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ are applied to their outputs. The recorded events must equal those name for name
 for sample, and what a ``emgd.client.Subscriber`` received must equal the recorded events
 (it may miss the first ones: ZeroMQ's slow joiner).
 
-Torch (offline) and ONNX Runtime (streaming) differ by about 1e-6, so the test asserts a
+Torch (offline) and the daemon (emgd's int16 kernel for gestures and wrist, or ONNX Runtime)
+differ by about 1e-6 (int16: about 1e-5), so the test asserts a
 margin around every decision (threshold crossings, argmaxes): a flip would show as a margin
 failure, not as a mysterious mismatch.
 """
@@ -87,15 +88,20 @@ def _comparable(ev):
     return {k: v for k, v in ev.fields.items() if k not in TIMING}
 
 
-@pytest.mark.parametrize("batch_hops", [1, 4], ids=["hop-by-hop", "4-hop-batches"])
+@pytest.mark.parametrize("batch_hops,kernel", [(1, "int16"), (4, "int16"), (1, "onnx")],
+                         ids=["hop-by-hop", "4-hop-batches", "onnx-runtime"])
 def test_events_through_the_daemon_equal_the_offline_rules(models, run_daemon, endpoints,
-                                                           tmp_path, batch_hops):
+                                                           tmp_path, batch_hops, kernel):
+    """The default int16 native kernel (hop by hop and batched) and ONNX Runtime alike."""
     models_dir, nets = models
     record = tmp_path / "session.h5"
     received, log = _run(["gesture", "handwriting", "wrist", "status"], run_daemon, endpoints,
                          models_dir, record,
-                         env={"EMGD_GESTURE_BATCH_HOPS": str(batch_hops)})
+                         env={"EMGD_GESTURE_BATCH_HOPS": str(batch_hops),
+                              "EMGD_LSTM_KERNEL": kernel})
     assert "models loaded" in log, log
+    backend = "onnx" if kernel == "onnx" else f"native-{kernel}"
+    assert f"discrete_gestures={backend}" in log and f"wrist={backend}" in log, log
 
     with h5py.File(record, "r") as f:
         data = f["data"][()]

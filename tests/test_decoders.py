@@ -74,6 +74,8 @@ def variant(card_path, tmp_path, **inp) -> str:
     card = load_card(card_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
     shutil.copy(card.onnx_path, tmp_path / card.model.file)
+    if card.native_path is not None:
+        shutil.copy(card.native_path, tmp_path / card.native.file)
     new = dataclasses.replace(card, input=dataclasses.replace(card.input, **inp))
     return str(write_card(new, tmp_path / card_path.name))
 

@@ -1,0 +1,232 @@
+"""emgd's native (Numba) gesture and wrist kernels against the offline PyTorch networks.
+
+Full reference size, seeded random weights, 30 s of seeded EMG: the int16 kernel (the
+daemon's default) fed in chunks of 1, 10, 37, 320 and 4000 samples gives the offline
+forward's outputs within 1e-4, and so does the float32 kernel. Small configurations cover the
+reset rule (after a reset the outputs equal a fresh offline run from there), and the
+load-time checks: sha256, missing or misshapen arrays, and weights that are not the graph's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+
+from emgd.decoders import load_decoder
+from emgd.errors import ModelError
+from emgd.highpass import HighPass
+from emgd.modelcard import file_sha256, load_card, write_card
+from emgd.native import quantize_rows
+from test_decoders import feed, mpf_frames, recording
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+TOL = 1e-4
+FULL_CHUNKS = [1, 10, 37, 320, 4000]
+
+
+def record(name: str, diff: float) -> None:
+    print(f"max |native - offline| {name}: {diff:.3g}")
+
+
+# --------------------------------------------------------------------------- full size
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """Full-size gesture and wrist models (seed 0) and their offline outputs on 30 s."""
+    from emgd.models.build import build_models, make_net
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("full")
+    cards = {b.task: b.card for b in build_models(out, ["discrete_gestures", "wrist"],
+                                                    size="full", seed=0)}
+    x = recording(60_000, seed=4)  # 30 s
+    net_in = HighPass(40.0).process(x)
+    with torch.no_grad():
+        gestures = make_net("discrete_gestures", "full", 0)(
+            torch.from_numpy(net_in.T[None].copy()))[0].T.numpy()
+        wrist_net = make_net("wrist", "full", 0)
+        frames = mpf_frames(net_in, "wrist")
+        wrist, _ = wrist_net.head_frames(torch.from_numpy(frames[None]))
+    return cards, x, gestures, frames, wrist[0].numpy()
+
+
+@pytest.mark.parametrize("chunk", FULL_CHUNKS)
+def test_full_size_gestures_int16_equal_offline(full, chunk):
+    cards, x, ref, _, _ = full
+    dec = load_decoder(cards["discrete_gestures"], lstm_kernel="int16", capacity=4000)
+    assert dec.backend == "native-int16"
+    got, _ = feed(dec, x, chunk)
+    assert got.shape == ref.shape == (5998, 9)
+    diff = float(np.abs(got - ref).max())
+    record(f"gestures int16, chunks of {chunk}", diff)
+    assert diff < TOL
+
+
+@pytest.mark.parametrize("chunk", [10, 4000])
+def test_full_size_gestures_float32_equal_offline(full, chunk):
+    cards, x, ref, _, _ = full
+    dec = load_decoder(cards["discrete_gestures"], lstm_kernel="float32", capacity=4000)
+    got, _ = feed(dec, x, chunk)
+    diff = float(np.abs(got - ref).max())
+    record(f"gestures float32, chunks of {chunk}", diff)
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["int16", "float32"])
+@pytest.mark.parametrize("chunk", [1, 8, 100])  # MPF frames per accept
+def test_full_size_wrist_equal_offline(full, kernel, chunk):
+    cards, _, _, frames, ref = full
+    dec = load_decoder(cards["wrist"], lstm_kernel=kernel, capacity=200)
+    got, _ = feed(dec, frames, chunk)
+    assert got.shape == ref.shape == (len(frames), 1)
+    diff = float(np.abs(got - ref).max())
+    record(f"wrist {kernel}, chunks of {chunk} frames", diff)
+    assert diff < TOL
+
+
+def test_full_size_card_records_the_int16_change(full):
+    cards = full[0]
+    g = load_card(cards["discrete_gestures"]).native
+    w = load_card(cards["wrist"]).native
+    assert g.kernel == "gestures_lstm" and w.kernel == "wrist_lstm"
+    assert 0 < g.int16_max_abs_delta < TOL and g.int16_events_identical is True
+    assert 0 < w.int16_max_abs_delta < TOL and w.int16_events_identical is None
+    assert "SignalGenerator(seed=0)" in g.test_data
+
+
+# --------------------------------------------------------------------------- small
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from emgd.models.build import build_models, make_net
+
+    out = tmp_path_factory.mktemp("small")
+    cards = {b.task: b.card for b in build_models(out, ["discrete_gestures", "wrist"],
+                                                    size="small", seed=0)}
+    nets = {t: make_net(t, "small", 0) for t in cards}
+    return cards, nets
+
+
+def _offline_gestures(net, x):
+    with torch.no_grad():
+        return net(torch.from_numpy(HighPass(40.0).process(x).T[None].copy()))[0].T.numpy()
+
+
+@pytest.mark.parametrize("kernel", ["int16", "float32"])
+def test_reset_equals_a_fresh_offline_run(small, kernel):
+    cards, nets = small
+    x = recording(8000, seed=5)
+    dec = load_decoder(cards["discrete_gestures"], lstm_kernel=kernel)
+    feed(dec, x[:3333], 40)
+    dec.reset()  # a gap: the rest is a new segment
+    got, firsts = feed(dec, x[3333:], 37)
+    assert firsts[0] == 0
+    ref = _offline_gestures(nets["discrete_gestures"], x[3333:])
+    assert got.shape == ref.shape
+    assert float(np.abs(got - ref).max()) < TOL
+
+
+def test_small_wrist_and_batched_steps(small):
+    cards, nets = small
+    x = HighPass(40.0).process(recording(12_000, seed=6))
+    frames = mpf_frames(x, "wrist")
+    with torch.no_grad():
+        ref, _ = nets["wrist"].head_frames(torch.from_numpy(frames[None]))
+    for chunk in (1, 7, 50):
+        got, _ = feed(load_decoder(cards["wrist"], lstm_kernel="int16"), frames, chunk)
+        assert float(np.abs(got - ref[0].numpy()).max()) < TOL
+
+
+def test_int16_rows_are_within_half_a_step():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 300)) * rng.uniform(0.01, 3, (64, 1))).astype(np.float32)
+    w[3] = 0.0  # an all-zero row keeps scale 1 and codes 0
+    q, scale = quantize_rows(w)
+    assert q.dtype == np.int16 and scale.dtype == np.float32
+    err = np.abs(q.astype(np.float64) * scale[:, None] - w)
+    peak = np.abs(w).max(axis=1)
+    # half a step, plus the float32 rounding of the scale (q · scale · 2^-24 <= 0.004 steps)
+    assert np.all(err <= peak[:, None] / 65534 * 1.005)
+    assert np.all(np.abs(q).max(axis=1)[peak > 0] == 32767)
+    assert not q[3].any()
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _copy(card_path, dest):
+    """A model folder copy; returns the new card path."""
+    card = load_card(card_path)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in (card.onnx_path, card.native_path, card.path):
+        shutil.copy(f, dest / f.name)
+    return dest / card.path.name
+
+
+def _rewrite_npz(card_path, change):
+    card = load_card(card_path)
+    with np.load(card.native_path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    change(arrays)
+    with open(card.native_path, "wb") as fh:
+        np.savez(fh, **arrays)
+    new = dataclasses.replace(card, native=dataclasses.replace(
+        card.native, sha256=file_sha256(card.native_path)))
+    write_card(new, card_path)
+
+
+def test_changed_weights_file_is_refused(small, tmp_path):
+    card = _copy(small[0]["discrete_gestures"], tmp_path)
+    with open(load_card(card).native_path, "ab") as fh:
+        fh.write(b"\0")
+    load_decoder(card)  # ONNX Runtime does not read the native weights
+    with pytest.raises(ModelError, match="native.sha256"):
+        load_decoder(card, lstm_kernel="int16")
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.pop("lstm.weight_hh_l1"), "lack 'lstm.weight_hh_l1'"),
+    (lambda a: a.__setitem__("projection.bias", np.zeros(4, np.float32)),
+     r"projection.bias has shape \(4,\)"),
+    (lambda a: a.__setitem__("conv_layer.bias", a["conv_layer.bias"].astype(np.float64)),
+     "conv_layer.bias has dtype float64"),
+    (lambda a: a["post_conv_layer_norm.weight"].__setitem__(0, np.nan), "NaN or inf"),
+])
+def test_bad_native_arrays_name_the_key(small, tmp_path, change, match):
+    card = _copy(small[0]["discrete_gestures"], tmp_path)
+    _rewrite_npz(card, change)
+    with pytest.raises(ModelError, match=match):
+        load_decoder(card, lstm_kernel="float32")
+
+
+def test_weights_of_another_network_are_refused(small, tmp_path):
+    from emgd.models.build import build_models
+
+    other = build_models(tmp_path / "other", ["wrist"], size="small", seed=9)[0].card
+    card = _copy(small[0]["wrist"], tmp_path / "m")
+    shutil.copy(load_card(other).native_path, load_card(card).native_path)
+    c = load_card(card)
+    write_card(dataclasses.replace(c, native=dataclasses.replace(
+        c.native, sha256=file_sha256(c.native_path))), card)
+    with pytest.raises(ModelError, match="disagree with the ONNX graph"):
+        load_decoder(card, lstm_kernel="int16")
+    assert load_decoder(card, lstm_kernel="onnx").backend == "onnx"
+
+
+def test_missing_weights_file(small, tmp_path):
+    card = _copy(small[0]["wrist"], tmp_path)
+    load_card(card).native_path.unlink()
+    with pytest.raises(ModelError, match="do not exist"):
+        load_decoder(card, lstm_kernel="int16")
+
+
+def test_unknown_kernel_setting(small):
+    with pytest.raises(ModelError, match="lstm_kernel must be one of"):
+        load_decoder(small[0]["wrist"], lstm_kernel="int8")
