@@ -27,7 +27,7 @@ Full-size networks with seeded random weights (``build_models``), seeded synthet
   output bias moved so that about one event per second crosses the threshold is quantised
   and checked the same way (``events_model``). Multiplying the projection weights instead
   would scale the int8 error and the logit slope alike and change nothing (measured).
-- ``native_int16`` (the daemon's default, ``lstm_kernel = "int16"``) and ``native_float32``:
+- ``native_int16`` (the daemon's default, ``decoder_backend = "native-int16"``) and ``native_float32``:
   gestures and wrist run in emgd's Numba kernel (``emgd/native.py``) with the LSTM matrices
   as int16 rows + float32 scales, or float32; handwriting in ONNX Runtime. Their outputs are
   also compared with the offline PyTorch forward (``accuracy_vs_offline_pytorch``).
@@ -92,9 +92,9 @@ def stream_pass(cards: dict[str, Path], level: str, emg: np.ndarray, chunk: int 
     """One streaming pass of all three decoders; latencies (ns), CPU (ns) and outputs.
 
     ``chunk``: samples per gesture ``accept`` (10: a step per hop; 40: four hops per call).
-    ``kernel``: the decoders' ``lstm_kernel`` (``onnx``, or emgd's ``int16``/``float32``
+    ``kernel``: the decoders' backend (``onnx``, or emgd's ``native-int16``/``native-float32``
     Numba kernel for gestures and wrist; handwriting always runs in ONNX Runtime)."""
-    decs = {t: load_decoder(cards[t], optimization=level, lstm_kernel=kernel) for t in TASKS}
+    decs = {t: load_decoder(cards[t], optimization=level, backend=kernel) for t in TASKS}
     for d in decs.values():
         d.warmup()
     g, w, h = decs["discrete_gestures"], decs["wrist"], decs["handwriting"]
@@ -309,10 +309,10 @@ def main() -> None:
         result["quantize_model_provenance"] = {
             SHORT[t]: {k: v for k, v in load_card(int8[t]).provenance.items()
                        if k.startswith("quant")} for t in TASKS}
-        variants = {  # name: (cards, ORT level, samples per gesture accept, lstm_kernel)
+        variants = {  # name: (cards, ORT level, samples per gesture accept, backend)
             "fp32_all": (fp32, "all", 10, "onnx"),
-            "native_int16": (fp32, "all", 10, "int16"),  # the daemon's default
-            "native_float32": (fp32, "all", 10, "float32"),
+            "native_int16": (fp32, "all", 10, "native-int16"),  # the daemon's default
+            "native_float32": (fp32, "all", 10, "native-float32"),
             "fp32_basic": (fp32, "basic", 10, "onnx"),
             "int8_all": (int8, "all", 10, "onnx"),
             "int8_basic": (int8, "basic", 10, "onnx"),
@@ -363,7 +363,7 @@ def main() -> None:
             passes["native_int16"][0]["outputs"]["discrete_gestures"])
     result["target"] = {
         "ratio_at_most": TARGET_RATIO,
-        "default_variant": "native_int16 (lstm_kernel = \"int16\", one call per hop)",
+        "default_variant": "native_int16 (decoder_backend = \"native-int16\", one call per hop)",
         **{f"{v}_meets": s["meets_1_5x_target"] for v, s in summaries.items()}}
     result["run_s"] = round(time.perf_counter() - t_run, 1)
     text = dumps(result)

@@ -62,9 +62,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder of model cards, one per task ('none': no decoders)")
     p.add_argument("--outputs", action="store_true", default=None,
                    help="also publish each decoder's per-frame output on outputs/<device>")
-    p.add_argument("--lstm-kernel", choices=("int16", "float32", "onnx"),
-                   help="what runs the gesture and wrist networks: emgd's Numba kernel with "
-                        "int16 (default) or float32 LSTM weights, or ONNX Runtime")
+    p.add_argument("--decoder-backend", choices=("native-int16", "native-float32", "onnx"),
+                   help="what runs the decoders: emgd's Numba kernels with int16 (default) "
+                        "or float32 LSTM weights, or ONNX Runtime")
     p.add_argument("--record", metavar="FILE",
                    help="record EMG, markers and events to an HDF5 file (docs/recording.md)")
     p.add_argument("--config", "-c", metavar="FILE",
@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {}
     for key in ("device", "pub", "ctl", "raw", "log_level", "record", "models", "outputs",
-                "lstm_kernel"):
+                "decoder_backend"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value

@@ -181,7 +181,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     try:
         load_decoder(path)
         if card.native is not None:  # the sidecar, and the kernel against the graph
-            load_decoder(path, lstm_kernel="int16")
+            load_decoder(path, backend="native-int16")
     except ModelError as exc:
         problem = str(exc)
     if args.json:

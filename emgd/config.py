@@ -30,7 +30,7 @@ from typing import Any
 
 from emgd.errors import ConfigError
 
-LSTM_KERNELS = ("int16", "float32", "onnx")  # emgd.decoders.LSTM_KERNELS
+DECODER_BACKENDS = ("native-int16", "native-float32", "onnx")  # as emgd.decoders
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -73,12 +73,12 @@ class Settings:
     #: the lowest latency; more hops per call save some CPU at the price of up to
     #: 5 ms · (hops - 1) more latency on gesture events.
     gesture_batch_hops: int = 1
-    #: What runs the gesture and wrist networks: "int16" = emgd's Numba kernel with the
+    #: What runs the decoders: "native-int16" = emgd's Numba kernels, the gesture and wrist
     #: LSTM matrices stored as int16 rows + float32 scales (the default: about 2.5x less
     #: CPU than ONNX Runtime, outputs within 1e-4, the card records the measured change),
-    #: "float32" = the same kernel with float32 weights, "onnx" = ONNX Runtime running the
-    #: card's graph. Models without native weights always run in ONNX Runtime.
-    lstm_kernel: str = "int16"
+    #: "native-float32" = the same kernels with float32 weights, "onnx" = ONNX Runtime
+    #: running each card's graph. Models without native weights always run in ONNX Runtime.
+    decoder_backend: str = "native-int16"
     #: Handwriting: finalise the current line after this many seconds without a key (0 = never).
     handwriting_idle_s: float = 0.0
     #: Wrist: gain applied when integrating the network output into `position`.
@@ -105,8 +105,8 @@ class Settings:
                "a number >= 0")
         _check(1 <= self.gesture_batch_hops <= 40, "gesture_batch_hops",
                self.gesture_batch_hops, "an integer from 1 to 40")
-        _check(self.lstm_kernel in LSTM_KERNELS, "lstm_kernel", self.lstm_kernel,
-               f"one of {', '.join(LSTM_KERNELS)}")
+        _check(self.decoder_backend in DECODER_BACKENDS, "decoder_backend", self.decoder_backend,
+               f"one of {', '.join(DECODER_BACKENDS)}")
         for name, thr in self.gesture_threshold.items():
             _check(0.0 < thr < 1.0, f"gesture_threshold.{name}", thr, "a number in (0, 1)")
         for name, ms in self.gesture_debounce_ms.items():

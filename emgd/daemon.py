@@ -170,7 +170,7 @@ class Daemon:
         stage = DecoderStage(cards, EventOptions(
             outputs=s.outputs, idle_s=s.handwriting_idle_s, wrist_gain=s.wrist_gain,
             wrist_min_rad=-rng, wrist_max_rad=rng, wrist_smoothing=s.wrist_smoothing,
-            gesture_batch_hops=s.gesture_batch_hops, lstm_kernel=s.lstm_kernel,
+            gesture_batch_hops=s.gesture_batch_hops, decoder_backend=s.decoder_backend,
             gesture_threshold=tuple(sorted(s.gesture_threshold.items())),
             gesture_debounce_ms=tuple(sorted(s.gesture_debounce_ms.items()))))
         seconds = stage.warmup()

@@ -53,7 +53,7 @@ from emgd.onnxsession import check_graph, open_session
 log = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY_S = 1.0  # buffered input a decoder holds between steps, in seconds of EMG
-LSTM_KERNELS = ("int16", "float32", "onnx")
+DECODER_BACKENDS = ("native-int16", "native-float32", "onnx")
 # native kernel vs graph on the load-time probe, relative to max(1, max |output|)
 NATIVE_TOL = {"int16": 2e-3, "float32": 1e-4}
 
@@ -71,20 +71,20 @@ class StepOutput(NamedTuple):
 
 def load_decoder(card_path: str | PathLike[str], *, threads: int = 1,
                  optimization: str | None = None, capacity: int | None = None,
-                 verify: bool = True, lstm_kernel: str = "onnx") -> Decoder:
+                 verify: bool = True, backend: str = "onnx") -> Decoder:
     """Load a card, check its file(s) and graph, and build the decoder its input kind needs.
 
     ``capacity`` is the most input rows (samples or frames) held between steps. ``verify``
     checks the ONNX file's sha256 against the card (turn off only for files you just built).
-    ``lstm_kernel``: ``"onnx"`` runs the graph in ONNX Runtime; ``"int16"`` or ``"float32"``
-    run emgd's Numba kernel (:mod:`emgd.native`) on the card's ``[native]`` weights, after
+    ``backend``: ``"onnx"`` runs the graph in ONNX Runtime; ``"native-int16"`` or
+    ``"native-float32"`` run emgd's Numba kernel (:mod:`emgd.native`) on the card's ``[native]`` weights, after
     checking it against the graph on a probe input (cards without ``[native]``, such as
     handwriting, always run in ONNX Runtime).
     """
     card = load_card(card_path)
-    if lstm_kernel not in LSTM_KERNELS:
-        raise ModelError(f"lstm_kernel must be one of {', '.join(LSTM_KERNELS)}, "
-                         f"got {lstm_kernel!r}")
+    if backend not in DECODER_BACKENDS:
+        raise ModelError(f"decoder backend must be one of {', '.join(DECODER_BACKENDS)}, "
+                         f"got {backend!r}")
     session = open_session(card, threads=threads, optimization=optimization, verify=verify)
     check_graph(card, session)
     if card.input.kind == "emg":
@@ -93,8 +93,9 @@ def load_decoder(card_path: str | PathLike[str], *, threads: int = 1,
         decoder = HandwritingDecoder(card, session, capacity)
     else:
         decoder = MpfDecoder(card, session, capacity)
-    if lstm_kernel != "onnx" and card.native is not None:
-        native = load_native(card, lstm_kernel, decoder.capacity, verify=verify)
+    if backend != "onnx" and card.native is not None:
+        native = load_native(card, backend.removeprefix("native-"), decoder.capacity,
+                             verify=verify)
         check_native(card, session, native)
         decoder.native = native
     return decoder
@@ -126,7 +127,7 @@ def check_native(card: ModelCard, session: ort.InferenceSession, native: NativeN
             f"{card.path}: the native weights {card.native_path} disagree with the ONNX graph "
             f"{card.onnx_path} by {diff:.3g} on a probe input (tolerance {tol:.3g} for "
             f"{native.precision}): they are not the same network. Re-run 'emgd models import' "
-            "(or 'build-random') to regenerate both, or set lstm_kernel = \"onnx\"")
+            "(or 'build-random') to regenerate both, or set decoder_backend = \"onnx\"")
     log.debug("%s: native %s kernel matches the graph to %.2g", card.name, native.precision,
               diff)
     return diff

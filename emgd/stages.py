@@ -59,7 +59,7 @@ class EventOptions:
     wrist_max_rad: float = np.inf
     wrist_smoothing: float = 0.0
     gesture_batch_hops: int = 1  # gesture hops per session call (CPU vs latency)
-    lstm_kernel: str = "int16"  # gestures/wrist: emgd's Numba kernel, or "onnx"
+    decoder_backend: str = "native-int16"  # emgd's Numba kernels, or "onnx"
     gesture_threshold: tuple[tuple[str, float], ...] = ()  # per-gesture overrides
     gesture_debounce_ms: tuple[tuple[str, float], ...] = ()
 
@@ -91,7 +91,7 @@ class DecoderStage:
         self.decoders: dict[str, Decoder] = {}
         for task in TASKS:
             if task in cards:
-                self.decoders[task] = load_decoder(cards[task], lstm_kernel=options.lstm_kernel)
+                self.decoders[task] = load_decoder(cards[task], backend=options.decoder_backend)
         self.gesture = self.decoders.get("discrete_gestures")
         self.wrist = self.decoders.get("wrist")
         self.handwriting = self.decoders.get("handwriting")

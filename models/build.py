@@ -344,8 +344,8 @@ def _check_loads(card_path: Path) -> None:
 
     load_decoder(card_path)
     if load_card(card_path).native is not None:
-        load_decoder(card_path, lstm_kernel="float32")
-        load_decoder(card_path, lstm_kernel="int16")
+        load_decoder(card_path, backend="native-float32")
+        load_decoder(card_path, backend="native-int16")
 
 
 def _gestures_spec(channels: int, scale: float, highpass_hz: float, note: str) -> tuple:

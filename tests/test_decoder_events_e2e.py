@@ -88,7 +88,7 @@ def _comparable(ev):
     return {k: v for k, v in ev.fields.items() if k not in TIMING}
 
 
-@pytest.mark.parametrize("batch_hops,kernel", [(1, "int16"), (4, "int16"), (1, "onnx")],
+@pytest.mark.parametrize("batch_hops,kernel", [(1, "native-int16"), (4, "native-int16"), (1, "onnx")],
                          ids=["hop-by-hop", "4-hop-batches", "onnx-runtime"])
 def test_events_through_the_daemon_equal_the_offline_rules(models, run_daemon, endpoints,
                                                            tmp_path, batch_hops, kernel):
@@ -98,10 +98,9 @@ def test_events_through_the_daemon_equal_the_offline_rules(models, run_daemon, e
     received, log = _run(["gesture", "handwriting", "wrist", "status"], run_daemon, endpoints,
                          models_dir, record,
                          env={"EMGD_GESTURE_BATCH_HOPS": str(batch_hops),
-                              "EMGD_LSTM_KERNEL": kernel})
+                              "EMGD_DECODER_BACKEND": kernel})
     assert "models loaded" in log, log
-    backend = "onnx" if kernel == "onnx" else f"native-{kernel}"
-    assert f"discrete_gestures={backend}" in log and f"wrist={backend}" in log, log
+    assert f"discrete_gestures={kernel}" in log and f"wrist={kernel}" in log, log
 
     with h5py.File(record, "r") as f:
         data = f["data"][()]

@@ -59,7 +59,7 @@ def full(tmp_path_factory):
 @pytest.mark.parametrize("chunk", FULL_CHUNKS)
 def test_full_size_gestures_int16_equal_offline(full, chunk):
     cards, x, ref, _, _ = full
-    dec = load_decoder(cards["discrete_gestures"], lstm_kernel="int16", capacity=4000)
+    dec = load_decoder(cards["discrete_gestures"], backend="native-int16", capacity=4000)
     assert dec.backend == "native-int16"
     got, _ = feed(dec, x, chunk)
     assert got.shape == ref.shape == (5998, 9)
@@ -71,18 +71,18 @@ def test_full_size_gestures_int16_equal_offline(full, chunk):
 @pytest.mark.parametrize("chunk", [10, 4000])
 def test_full_size_gestures_float32_equal_offline(full, chunk):
     cards, x, ref, _, _ = full
-    dec = load_decoder(cards["discrete_gestures"], lstm_kernel="float32", capacity=4000)
+    dec = load_decoder(cards["discrete_gestures"], backend="native-float32", capacity=4000)
     got, _ = feed(dec, x, chunk)
     diff = float(np.abs(got - ref).max())
     record(f"gestures float32, chunks of {chunk}", diff)
     assert diff < 1e-5
 
 
-@pytest.mark.parametrize("kernel", ["int16", "float32"])
+@pytest.mark.parametrize("kernel", ["native-int16", "native-float32"])
 @pytest.mark.parametrize("chunk", [1, 8, 100])  # MPF frames per accept
 def test_full_size_wrist_equal_offline(full, kernel, chunk):
     cards, _, _, frames, ref = full
-    dec = load_decoder(cards["wrist"], lstm_kernel=kernel, capacity=200)
+    dec = load_decoder(cards["wrist"], backend=kernel, capacity=200)
     got, _ = feed(dec, frames, chunk)
     assert got.shape == ref.shape == (len(frames), 1)
     diff = float(np.abs(got - ref).max())
@@ -119,11 +119,11 @@ def _offline_gestures(net, x):
         return net(torch.from_numpy(HighPass(40.0).process(x).T[None].copy()))[0].T.numpy()
 
 
-@pytest.mark.parametrize("kernel", ["int16", "float32"])
+@pytest.mark.parametrize("kernel", ["native-int16", "native-float32"])
 def test_reset_equals_a_fresh_offline_run(small, kernel):
     cards, nets = small
     x = recording(8000, seed=5)
-    dec = load_decoder(cards["discrete_gestures"], lstm_kernel=kernel)
+    dec = load_decoder(cards["discrete_gestures"], backend=kernel)
     feed(dec, x[:3333], 40)
     dec.reset()  # a gap: the rest is a new segment
     got, firsts = feed(dec, x[3333:], 37)
@@ -140,7 +140,7 @@ def test_small_wrist_and_batched_steps(small):
     with torch.no_grad():
         ref, _ = nets["wrist"].head_frames(torch.from_numpy(frames[None]))
     for chunk in (1, 7, 50):
-        got, _ = feed(load_decoder(cards["wrist"], lstm_kernel="int16"), frames, chunk)
+        got, _ = feed(load_decoder(cards["wrist"], backend="native-int16"), frames, chunk)
         assert float(np.abs(got - ref[0].numpy()).max()) < TOL
 
 
@@ -188,7 +188,7 @@ def test_changed_weights_file_is_refused(small, tmp_path):
         fh.write(b"\0")
     load_decoder(card)  # ONNX Runtime does not read the native weights
     with pytest.raises(ModelError, match="native.sha256"):
-        load_decoder(card, lstm_kernel="int16")
+        load_decoder(card, backend="native-int16")
 
 
 @pytest.mark.parametrize("change,match", [
@@ -203,7 +203,7 @@ def test_bad_native_arrays_name_the_key(small, tmp_path, change, match):
     card = _copy(small[0]["discrete_gestures"], tmp_path)
     _rewrite_npz(card, change)
     with pytest.raises(ModelError, match=match):
-        load_decoder(card, lstm_kernel="float32")
+        load_decoder(card, backend="native-float32")
 
 
 def test_weights_of_another_network_are_refused(small, tmp_path):
@@ -216,17 +216,17 @@ def test_weights_of_another_network_are_refused(small, tmp_path):
     write_card(dataclasses.replace(c, native=dataclasses.replace(
         c.native, sha256=file_sha256(c.native_path))), card)
     with pytest.raises(ModelError, match="disagree with the ONNX graph"):
-        load_decoder(card, lstm_kernel="int16")
-    assert load_decoder(card, lstm_kernel="onnx").backend == "onnx"
+        load_decoder(card, backend="native-int16")
+    assert load_decoder(card, backend="onnx").backend == "onnx"
 
 
 def test_missing_weights_file(small, tmp_path):
     card = _copy(small[0]["wrist"], tmp_path)
     load_card(card).native_path.unlink()
     with pytest.raises(ModelError, match="do not exist"):
-        load_decoder(card, lstm_kernel="int16")
+        load_decoder(card, backend="native-int16")
 
 
 def test_unknown_kernel_setting(small):
-    with pytest.raises(ModelError, match="lstm_kernel must be one of"):
-        load_decoder(small[0]["wrist"], lstm_kernel="int8")
+    with pytest.raises(ModelError, match="decoder backend must be one of"):
+        load_decoder(small[0]["wrist"], backend="int8")
