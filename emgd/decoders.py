@@ -77,9 +77,10 @@ def load_decoder(card_path: str | PathLike[str], *, threads: int = 1,
     ``capacity`` is the most input rows (samples or frames) held between steps. ``verify``
     checks the ONNX file's sha256 against the card (turn off only for files you just built).
     ``backend``: ``"onnx"`` runs the graph in ONNX Runtime; ``"native-int16"`` or
-    ``"native-float32"`` run emgd's Numba kernel (:mod:`emgd.native`) on the card's ``[native]`` weights, after
-    checking it against the graph on a probe input (cards without ``[native]``, such as
-    handwriting, always run in ONNX Runtime).
+    ``"native-float32"`` run emgd's Numba kernel (:mod:`emgd.native`) on the card's
+    ``[native]`` weights, after checking it against the graph on a probe input (cards without
+    ``[native]`` always run in ONNX Runtime; the handwriting kernel is float32 whichever
+    native precision is asked for).
     """
     card = load_card(card_path)
     if backend not in DECODER_BACKENDS:
@@ -104,6 +105,8 @@ def load_decoder(card_path: str | PathLike[str], *, threads: int = 1,
 def check_native(card: ModelCard, session: ort.InferenceSession, native: NativeNet) -> float:
     """Run a seeded probe through the graph and the native kernel from the initial state;
     ModelError when they disagree by more than the precision allows. Returns the difference."""
+    if card.output.valid is not None:
+        return _check_native_steps(card, session, native)
     rng = np.random.default_rng(20251125)
     state = card.initial_state()
     inp = card.input
@@ -130,6 +133,80 @@ def check_native(card: ModelCard, session: ort.InferenceSession, native: NativeN
             "(or 'build-random') to regenerate both, or set decoder_backend = \"onnx\"")
     log.debug("%s: native %s kernel matches the graph to %.2g", card.name, native.precision,
               diff)
+    return diff
+
+
+# handwriting probe: calls from a state with warm caches; at least PROBE_CALLS, then on until
+# two emissions (the reference layout emits on the 2nd and 6th call), at most PROBE_MAX_CALLS
+PROBE_CALLS = 8
+PROBE_MAX_CALLS = 64
+
+
+def _check_native_steps(card: ModelCard, session: ort.InferenceSession,
+                        native: NativeNet) -> float:
+    """The probe for a graph with a ``valid`` output (handwriting): from a seeded state with
+    random caches and counts 40 + b (past every block's warm-up, so calls emit soon), calls
+    through both, each carrying its own state (module constants: how many). ``valid`` must
+    agree on every call and be true at least once; y is compared where valid, the next states
+    after every call (counts exactly)."""
+    rng = np.random.default_rng(20251125)
+    inp = card.input
+    state = card.initial_state()
+    for spec in card.states:
+        a = state[spec.name]
+        if a.dtype.kind == "f":
+            state[spec.name] = rng.standard_normal(a.shape).astype(a.dtype)
+        else:  # counters: block b has seen 40 + b inputs
+            seen = (40 + np.arange(a.shape[0])).reshape(-1, *([1] * (a.ndim - 1)))
+            state[spec.name] = np.broadcast_to(seen, a.shape).astype(a.dtype)
+    names = [s.name for s in card.states]
+    graph_state = {k: v.copy() for k, v in state.items()}
+    native_state = {k: v.copy() for k, v in state.items()}
+    outputs = ["y", card.output.valid, *(f"{n}_next" for n in names)]
+    diff, emitted = 0.0, 0
+    problem = None
+    calls = 0
+    while calls < PROBE_CALLS or (emitted < 2 and calls < PROBE_MAX_CALLS):
+        call = calls
+        calls += 1
+        x = rng.standard_normal((inp.unit, *inp.row_shape)).astype(np.float32)
+        out = session.run(outputs, {"x": x[None], **graph_state})
+        graph_state = dict(zip(names, out[2:]))
+        y, valid = native.run(x, native_state)  # type: ignore[misc]
+        want_valid = bool(np.asarray(out[1]).reshape(-1)[0])
+        if bool(valid) != want_valid:
+            problem = f"valid is {bool(valid)} on probe call {call}, the graph says {want_valid}"
+            break
+        pairs = [(n, native_state[n], graph_state[n]) for n in names]
+        if want_valid:
+            emitted += 1
+            pairs.insert(0, ("y", np.asarray(y).reshape(-1), out[0].reshape(-1)))
+        for name, got, want in pairs:
+            if got.shape != want.shape:
+                problem = f"{name} has shape {got.shape}, the graph's {want.shape}"
+            elif got.dtype.kind != "f":
+                if not np.array_equal(got, want):
+                    problem = f"{name} differs from the graph's after probe call {call}"
+            elif want.size:
+                d = float(np.max(np.abs(got.astype(np.float64) - want)))
+                t = NATIVE_TOL[native.precision] * max(1.0, float(np.max(np.abs(want))))
+                diff = max(diff, d)
+                if not d <= t:
+                    problem = (f"{name} differs by {d:.3g} after probe call {call} "
+                               f"(tolerance {t:.3g} for {native.precision})")
+            if problem:
+                break
+        if problem:
+            break
+    if problem is None and emitted == 0:
+        problem = f"none of {calls} probe calls emitted (the check would prove nothing)"
+    if problem is not None:
+        raise ModelError(
+            f"{card.path}: the native weights {card.native_path} disagree with the ONNX graph "
+            f"{card.onnx_path}: {problem}; they are not the same network. Re-run 'emgd models "
+            "import' (or 'build-random') to regenerate both, or set decoder_backend = \"onnx\"")
+    log.debug("%s: native %s kernel matches the graph to %.2g over %d probe calls "
+              "(%d emitted)", card.name, native.precision, diff, calls, emitted)
     return diff
 
 
@@ -182,6 +259,7 @@ class Decoder:
         self.emitted = 0  # outputs produced in this segment
         self.steps = 0  # session calls since construction
         self.native: NativeNet | None = None  # set by load_decoder: runs instead of the graph
+        self._valid_out = np.zeros(1, dtype=bool)  # the native kernel's valid, as an array
         self.reset()
 
     # ------------------------------------------------------------------ public API
@@ -248,9 +326,13 @@ class Decoder:
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         if self.native is not None:
-            y = self.native.run(x[0], self.state)
+            out = self.native.run(x[0], self.state)
             self.steps += 1
-            return [y[None]]
+            if self._valid is not None:  # handwriting: (y (1, n), valid), as the graph's pair
+                y, valid = out
+                self._valid_out[0] = valid
+                return [y[None], self._valid_out]
+            return [out[None]]
         feeds = self._feeds
         feeds["x"] = x
         for name in self._names:

@@ -144,7 +144,7 @@ class StateSpec:
 class NativeSpec:
     """``[native]``: the network's weights for emgd's Numba step kernel (:mod:`emgd.native`)."""
 
-    kernel: str  # "gestures_lstm" or "wrist_lstm"
+    kernel: str  # "gestures_lstm", "wrist_lstm" or "handwriting_conformer"
     file: str  # .npz of the state_dict (float32), next to the card
     sha256: str
     # measured by the exporter: int16 LSTM rows against float32, same weights, offline
@@ -263,7 +263,8 @@ def _model(r: TableReader) -> ModelFile:
     return m
 
 
-NATIVE_KERNELS = {"discrete_gestures": "gestures_lstm", "wrist": "wrist_lstm"}
+NATIVE_KERNELS = {"discrete_gestures": "gestures_lstm", "wrist": "wrist_lstm",
+                  "handwriting": "handwriting_conformer"}
 
 
 def _native(r: TableReader | None, task: str) -> NativeSpec | None:

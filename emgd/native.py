@@ -1,5 +1,8 @@
 """Native (Numba) step kernels for the two LSTM networks: gestures and wrist.
 
+(The handwriting conformer's kernel is in :mod:`emgd.native_handwriting`; it registers here
+in :data:`KERNELS` and loads through :func:`load_native` like these two.)
+
 Why: one streaming step of the gesture network reads its whole 3×512 LSTM — 25 MB of
 float32 weights — every 5 ms hop. That is memory-bound: on a 2-core EPYC VM the effective
 last-level cache holds about 12–16 MB, so every hop streams the weights from DRAM and ONNX
@@ -31,7 +34,8 @@ errors that name the key); the decoders (:mod:`emgd.decoders`) call its ``run``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -442,8 +446,25 @@ def _check_lstm_states(card: ModelCard, lstm: _Lstm, source: str) -> None:
                              f"{shapes.get(name)}")
 
 
-KERNELS = {"gestures_lstm": NativeGestures, "wrist_lstm": NativeWrist}
-TASK_KERNEL = {"discrete_gestures": "gestures_lstm", "wrist": "wrist_lstm"}
+# A kernel is a NativeNet class, or "module:Class" for one in its own module that imports
+# this one (emgd.native_handwriting): resolved on first use, so neither module imports the
+# other at import time.
+KERNELS: dict[str, Callable[..., NativeNet] | str] = {
+    "gestures_lstm": NativeGestures,
+    "wrist_lstm": NativeWrist,
+    "handwriting_conformer": "emgd.native_handwriting:NativeHandwriting",
+}
+TASK_KERNEL = {"discrete_gestures": "gestures_lstm", "wrist": "wrist_lstm",
+               "handwriting": "handwriting_conformer"}
+
+
+def _kernel_class(kernel: str) -> Callable[..., NativeNet]:
+    cls = KERNELS[kernel]
+    if isinstance(cls, str):
+        module, _, name = cls.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        KERNELS[kernel] = cls
+    return cls
 
 
 def load_native(card: ModelCard, precision: str, capacity: int, verify: bool = True
@@ -473,4 +494,4 @@ def load_native(card: ModelCard, precision: str, capacity: int, verify: bool = T
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError) as exc:
         raise ModelError(f"cannot read native weights {path}: {exc}") from exc
-    return KERNELS[spec.kernel](_Weights(arrays, str(path)), card, precision, capacity)
+    return _kernel_class(spec.kernel)(_Weights(arrays, str(path)), card, precision, capacity)

@@ -86,7 +86,7 @@ class Built:
     task: str
     card: Path
     onnx: Path
-    native: Path | None = None  # the [native] weights (gestures, wrist)
+    native: Path | None = None  # the [native] weights
 
 
 def handwriting_available() -> bool:
@@ -286,9 +286,11 @@ NATIVE_TEST_DATA = (f"emgd.drivers.simsignal.SignalGenerator(seed=0), "
 
 def _native_sidecar(tmp: Path, task: str, net: nn.Module, scale: float,
                     highpass_hz: float) -> NativeSpec | None:
-    """Write ``<task>.native.npz`` (the state_dict, float32) for emgd's Numba LSTM kernel and
-    measure what int16 LSTM rows change: the offline forward with the LSTM matrices rounded
-    to int16 rows against float32, on seeded simulator EMG."""
+    """Write ``<task>.native.npz`` (the state_dict, float32, without the MPF featurizer's and
+    the attention masks' buffers) for emgd's Numba kernel and, for the LSTM networks, measure
+    what int16 LSTM rows change: the offline forward with the LSTM matrices rounded to int16
+    rows against float32, on seeded simulator EMG. The handwriting kernel is float32 only
+    (no LSTM): its card's int16 fields stay empty."""
     from emgd.modelcard import NATIVE_KERNELS
     from emgd.native import quantize_rows
 
@@ -296,17 +298,40 @@ def _native_sidecar(tmp: Path, task: str, net: nn.Module, scale: float,
         return None
     arrays = {k: v.detach().cpu().numpy().astype(np.float32)
               for k, v in net.state_dict().items()
-              if not k.startswith("mpf_featurizer.")}
-    if task == "wrist":
+              if not k.startswith(("mpf_featurizer.", "featurizer."))
+              and not k.endswith(".attn_mask")}
+    if task in ("wrist", "handwriting"):
         arrays["rotation_gather"] = (net.rotation_invariant_mlp.rotation_indices
                                      .cpu().numpy().astype(np.int64))
+    if task == "handwriting":
+        arrays.update(_handwriting_layout(net))
     path = tmp / f"{task}.native.npz"
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
+    if task == "handwriting":
+        return NativeSpec(kernel=NATIVE_KERNELS[task], file=path.name,
+                          sha256=file_sha256(path))
     delta, same = _int16_delta(task, net, scale, highpass_hz, quantize_rows)
     return NativeSpec(kernel=NATIVE_KERNELS[task], file=path.name, sha256=file_sha256(path),
                       int16_max_abs_delta=float(f"{delta:.3g}"),
                       int16_events_identical=same, test_data=NATIVE_TEST_DATA)
+
+
+def _handwriting_layout(net: nn.Module) -> dict[str, np.ndarray]:
+    """What the handwriting kernel needs beyond the state_dict: each block's stride, attention
+    window and conv kernel, and the number of attention heads (one for all blocks)."""
+    blocks = list(net.blocks)
+    attn = [b.attn_block.child[2] for b in blocks]
+    heads = {a.num_heads for a in attn}
+    if len(heads) != 1:
+        raise ModelError(f"handwriting: the native kernel needs one num_heads for all blocks, "
+                         f"got {sorted(heads)}")
+    return {
+        "block_strides": np.array([b.stride for b in blocks], np.int64),
+        "block_windows": np.array([a.window_size for a in attn], np.int64),
+        "block_kernels": np.array([b.kernel_size for b in blocks], np.int64),
+        "num_heads": np.array([heads.pop()], np.int64),
+    }
 
 
 def _int16_delta(task: str, net: nn.Module, scale: float, highpass_hz: float,
