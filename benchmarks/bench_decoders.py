@@ -28,8 +28,9 @@ Full-size networks with seeded random weights (``build_models``), seeded synthet
   and checked the same way (``events_model``). Multiplying the projection weights instead
   would scale the int8 error and the logit slope alike and change nothing (measured).
 - ``native_int16`` (the daemon's default, ``decoder_backend = "native-int16"``) and ``native_float32``:
-  gestures and wrist run in emgd's Numba kernel (``emgd/native.py``) with the LSTM matrices
-  as int16 rows + float32 scales, or float32; handwriting in ONNX Runtime. Their outputs are
+  all three run in emgd's Numba kernels (``emgd/native.py``, ``emgd/native_handwriting.py``),
+  the gesture and wrist LSTM matrices as int16 rows + float32 scales, or float32 (the
+  handwriting kernel is always float32). Their outputs are
   also compared with the offline PyTorch forward (``accuracy_vs_offline_pytorch``).
 - ``fp32_all_gestures_block40``: the gesture decoder fed whole 40-sample blocks (4 hops per
   session call): cheaper per hop, but an output waits up to 15 ms longer.
@@ -93,7 +94,7 @@ def stream_pass(cards: dict[str, Path], level: str, emg: np.ndarray, chunk: int 
 
     ``chunk``: samples per gesture ``accept`` (10: a step per hop; 40: four hops per call).
     ``kernel``: the decoders' backend (``onnx``, or emgd's ``native-int16``/``native-float32``
-    Numba kernel for gestures and wrist; handwriting always runs in ONNX Runtime)."""
+    Numba kernels)."""
     decs = {t: load_decoder(cards[t], optimization=level, backend=kernel) for t in TASKS}
     for d in decs.values():
         d.warmup()

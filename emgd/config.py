@@ -74,8 +74,8 @@ class Settings:
     #: 5 ms · (hops - 1) more latency on gesture events.
     gesture_batch_hops: int = 1
     #: What runs the decoders: "native-int16" = emgd's Numba kernels, the gesture and wrist
-    #: LSTM matrices stored as int16 rows + float32 scales (the default: about 2.5x less
-    #: CPU than ONNX Runtime, outputs within 1e-4, the card records the measured change),
+    #: LSTM matrices stored as int16 rows + float32 scales (the default: outputs within
+    #: 1e-4, the card records the measured change; handwriting's kernel is float32),
     #: "native-float32" = the same kernels with float32 weights, "onnx" = ONNX Runtime
     #: running each card's graph. Models without native weights always run in ONNX Runtime.
     decoder_backend: str = "native-int16"
