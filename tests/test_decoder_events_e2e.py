@@ -81,6 +81,7 @@ def _run(sub_topics, run_daemon, endpoints, models_dir, record, env=None):
             if event.kind != "status":
                 received.append(event)
     assert rc == 0, err
+    received.append(last)  # the last status, for the caller to inspect
     return received, err
 
 
@@ -101,6 +102,10 @@ def test_events_through_the_daemon_equal_the_offline_rules(models, run_daemon, e
                               "EMGD_DECODER_BACKEND": kernel})
     assert "models loaded" in log, log
     assert f"discrete_gestures={kernel}" in log and f"wrist={kernel}" in log, log
+    status = received.pop()
+    backends = {t: m["backend"] for t, m in status["models"]["loaded"].items()}
+    hw = "onnx" if kernel == "onnx" else "native-float32"  # handwriting has no int16 rows
+    assert backends == {"discrete_gestures": kernel, "wrist": kernel, "handwriting": hw}
 
     with h5py.File(record, "r") as f:
         data = f["data"][()]
