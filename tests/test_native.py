@@ -1,10 +1,10 @@
-"""emgd's native (Numba) gesture and wrist kernels against the offline PyTorch networks.
+"""emgd's native (Numba) gesture and wrist kernels: small configurations and refusals.
 
-Full reference size, seeded random weights, 30 s of seeded EMG: the int16 kernel (the
-daemon's default) fed in chunks of 1, 10, 37, 320 and 4000 samples gives the offline
-forward's outputs within 1e-4, and so does the float32 kernel. Small configurations cover the
-reset rule (after a reset the outputs equal a fresh offline run from there), and the
-load-time checks: sha256, missing or misshapen arrays, and weights that are not the graph's.
+The full-size comparisons (30 s, chunks of 1 to 4000 samples, every backend) are in
+``test_streaming_full_size.py``. Here: small configurations against the offline networks,
+the reset rule (after a reset the outputs equal a fresh offline run from there), the int16
+rounding bound, and the load-time checks: sha256, missing or misshapen arrays, and weights
+that are not the graph's.
 """
 
 from __future__ import annotations
@@ -14,90 +14,22 @@ import shutil
 
 import numpy as np
 import pytest
+from test_decoders import feed, mpf_frames, recording
 
 from emgd.decoders import load_decoder
 from emgd.errors import ModelError
 from emgd.highpass import HighPass
 from emgd.modelcard import file_sha256, load_card, write_card
 from emgd.native import quantize_rows
-from test_decoders import feed, mpf_frames, recording
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 TOL = 1e-4
-FULL_CHUNKS = [1, 10, 37, 320, 4000]
 
 
 def record(name: str, diff: float) -> None:
     print(f"max |native - offline| {name}: {diff:.3g}")
-
-
-# --------------------------------------------------------------------------- full size
-
-
-@pytest.fixture(scope="module")
-def full(tmp_path_factory):
-    """Full-size gesture and wrist models (seed 0) and their offline outputs on 30 s."""
-    from emgd.models.build import build_models, make_net
-
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("full")
-    cards = {b.task: b.card for b in build_models(out, ["discrete_gestures", "wrist"],
-                                                    size="full", seed=0)}
-    x = recording(60_000, seed=4)  # 30 s
-    net_in = HighPass(40.0).process(x)
-    with torch.no_grad():
-        gestures = make_net("discrete_gestures", "full", 0)(
-            torch.from_numpy(net_in.T[None].copy()))[0].T.numpy()
-        wrist_net = make_net("wrist", "full", 0)
-        frames = mpf_frames(net_in, "wrist")
-        wrist, _ = wrist_net.head_frames(torch.from_numpy(frames[None]))
-    return cards, x, gestures, frames, wrist[0].numpy()
-
-
-@pytest.mark.parametrize("chunk", FULL_CHUNKS)
-def test_full_size_gestures_int16_equal_offline(full, chunk):
-    cards, x, ref, _, _ = full
-    dec = load_decoder(cards["discrete_gestures"], backend="native-int16", capacity=4000)
-    assert dec.backend == "native-int16"
-    got, _ = feed(dec, x, chunk)
-    assert got.shape == ref.shape == (5998, 9)
-    diff = float(np.abs(got - ref).max())
-    record(f"gestures int16, chunks of {chunk}", diff)
-    assert diff < TOL
-
-
-@pytest.mark.parametrize("chunk", [10, 4000])
-def test_full_size_gestures_float32_equal_offline(full, chunk):
-    cards, x, ref, _, _ = full
-    dec = load_decoder(cards["discrete_gestures"], backend="native-float32", capacity=4000)
-    got, _ = feed(dec, x, chunk)
-    diff = float(np.abs(got - ref).max())
-    record(f"gestures float32, chunks of {chunk}", diff)
-    assert diff < 1e-5
-
-
-@pytest.mark.parametrize("kernel", ["native-int16", "native-float32"])
-@pytest.mark.parametrize("chunk", [1, 8, 100])  # MPF frames per accept
-def test_full_size_wrist_equal_offline(full, kernel, chunk):
-    cards, _, _, frames, ref = full
-    dec = load_decoder(cards["wrist"], backend=kernel, capacity=200)
-    got, _ = feed(dec, frames, chunk)
-    assert got.shape == ref.shape == (len(frames), 1)
-    diff = float(np.abs(got - ref).max())
-    record(f"wrist {kernel}, chunks of {chunk} frames", diff)
-    assert diff < TOL
-
-
-def test_full_size_card_records_the_int16_change(full):
-    cards = full[0]
-    g = load_card(cards["discrete_gestures"]).native
-    w = load_card(cards["wrist"]).native
-    assert g.kernel == "gestures_lstm" and w.kernel == "wrist_lstm"
-    assert 0 < g.int16_max_abs_delta < TOL and g.int16_events_identical is True
-    assert 0 < w.int16_max_abs_delta < TOL and w.int16_events_identical is None
-    assert "SignalGenerator(seed=0)" in g.test_data
 
 
 # --------------------------------------------------------------------------- small
