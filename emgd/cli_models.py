@@ -258,8 +258,8 @@ def cmd_build_random(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("onnx") is None:
         raise MissingDependency(f"quantising needs the onnx package: {CONVERT_HINT}")
-    from emgd.models.quantize import quantize_model
     from emgd.modelcard import load_card
+    from emgd.models.quantize import quantize_model
 
     card_path = resolve(args.model, args.models)
     out = Path(args.out) if args.out else card_path.parent

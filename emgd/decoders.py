@@ -481,7 +481,9 @@ class HandwritingDecoder(MpfDecoder):
         if card.output.valid is None:
             raise ModelError(f"{card.path}: a handwriting decoder needs output.valid")
         # MPF frame k of the segment ends at sample MPF_STRIDE·k + L (emgd.mpf_reference)
-        self._frame_lc = MpfSetting("input", card.input.mpf_window * FFT_HOP).left_context
+        window = card.input.mpf_window
+        assert window is not None  # the card reader requires it for MPF input
+        self._frame_lc = MpfSetting("input", window * FFT_HOP).left_context
         super().__init__(card, session, capacity)
 
     def emits_within(self, units: int) -> bool:

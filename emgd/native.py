@@ -386,7 +386,8 @@ class NativeWrist(NativeNet):
         full = (np.arange(6)[None, :, None] * c * c + gather[:, None, :]).reshape(rotations, -1)
         self._gather = np.ascontiguousarray(full.astype(np.int64))
         dims = [6 * per_band]
-        ws, bs = [], []
+        ws: list[np.ndarray] = []
+        bs: list[np.ndarray] = []
         while f"rotation_invariant_mlp.fully_connected_layers.{len(ws)}.weight" in wts.arrays:
             i = len(ws)
             w = wts.get(f"rotation_invariant_mlp.fully_connected_layers.{i}.weight",

@@ -37,7 +37,6 @@ from emgd.errors import ModelError
 from emgd.modelcard import (
     SCHEMA,
     InputSpec,
-    load_card,
     ModelCard,
     ModelFile,
     NativeSpec,
@@ -46,6 +45,7 @@ from emgd.modelcard import (
     StateSpec,
     Timing,
     file_sha256,
+    load_card,
     write_card,
 )
 from emgd.vocab import BLANK, KEY_NAMES
@@ -338,8 +338,9 @@ def _int16_delta(task: str, net: nn.Module, scale: float, highpass_hz: float,
                  quantize_rows: Callable) -> tuple[float, bool | None]:
     import copy
 
-    from emgd.detection import detect_offline
     from emgd.drivers.simsignal import SignalGenerator
+
+    from emgd.detection import detect_offline
     from emgd.highpass import HighPass
 
     n = int(NATIVE_TEST_SECONDS * 2000)
