@@ -191,8 +191,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         _print_card(card, path)
-        print(f"check      {'ok: card matches the graph and its sha256' if not problem else ''}"
-              f"{problem or ''}")
+        ok = "ok: card matches the graph and its sha256" + (
+            "; the native kernel matches the graph" if card.native is not None else "")
+        print(f"check      {ok if not problem else ''}{problem or ''}")
     return 1 if problem else 0
 
 
