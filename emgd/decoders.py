@@ -47,15 +47,13 @@ from emgd.errors import ModelError
 from emgd.highpass import HighPass
 from emgd.modelcard import ModelCard, load_card
 from emgd.mpf_reference import FFT_HOP, MPF_STRIDE, MpfSetting
-from emgd.native import NativeNet, load_native
+from emgd.native import NativeNet, check_native, load_native
 from emgd.onnxsession import check_graph, open_session
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY_S = 1.0  # buffered input a decoder holds between steps, in seconds of EMG
 DECODER_BACKENDS = ("native-int16", "native-float32", "onnx")
-# native kernel vs graph on the load-time probe, relative to max(1, max |output|)
-NATIVE_TOL = {"int16": 2e-3, "float32": 1e-4}
 
 
 class StepOutput(NamedTuple):
@@ -100,114 +98,6 @@ def load_decoder(card_path: str | PathLike[str], *, threads: int = 1,
         check_native(card, session, native)
         decoder.native = native
     return decoder
-
-
-def check_native(card: ModelCard, session: ort.InferenceSession, native: NativeNet) -> float:
-    """Run a seeded probe through the graph and the native kernel from the initial state;
-    ModelError when they disagree by more than the precision allows. Returns the difference."""
-    if card.output.valid is not None:
-        return _check_native_steps(card, session, native)
-    rng = np.random.default_rng(20251125)
-    state = card.initial_state()
-    inp = card.input
-    if inp.kind == "emg":
-        prime = inp.prime
-        assert prime is not None
-        emg = (rng.standard_normal((prime.samples + 40 * inp.unit, inp.channels)) * 30.0
-               ).astype(np.float32)
-        state[prime.state] = prime.apply(emg[:prime.samples])[None]
-        x = emg[prime.samples:]
-    else:
-        x = rng.standard_normal((20, *inp.row_shape)).astype(np.float32)
-    names = [s.name for s in card.states]
-    want = session.run(["y"], {"x": x[None], **state})[0][0]
-    got = native.run(x, {k: v.copy() for k, v in state.items() if k in names})
-    diff = float(np.max(np.abs(got - want))) if want.size else 0.0
-    tol = (NATIVE_TOL[native.precision] * max(1.0, float(np.max(np.abs(want))))
-           if want.size else 0.0)
-    if not diff <= tol:
-        raise ModelError(
-            f"{card.path}: the native weights {card.native_path} disagree with the ONNX graph "
-            f"{card.onnx_path} by {diff:.3g} on a probe input (tolerance {tol:.3g} for "
-            f"{native.precision}): they are not the same network. Re-run 'emgd models import' "
-            "(or 'build-random') to regenerate both, or set decoder_backend = \"onnx\"")
-    log.debug("%s: native %s kernel matches the graph to %.2g", card.name, native.precision,
-              diff)
-    return diff
-
-
-# handwriting probe: calls from a state with warm caches; at least PROBE_CALLS, then on until
-# two emissions (the reference layout emits on the 2nd and 6th call), at most PROBE_MAX_CALLS
-PROBE_CALLS = 8
-PROBE_MAX_CALLS = 64
-
-
-def _check_native_steps(card: ModelCard, session: ort.InferenceSession,
-                        native: NativeNet) -> float:
-    """The probe for a graph with a ``valid`` output (handwriting): from a seeded state with
-    random caches and counts 40 + b (past every block's warm-up, so calls emit soon), calls
-    through both, each carrying its own state (module constants: how many). ``valid`` must
-    agree on every call and be true at least once; y is compared where valid, the next states
-    after every call (counts exactly)."""
-    rng = np.random.default_rng(20251125)
-    inp = card.input
-    state = card.initial_state()
-    for spec in card.states:
-        a = state[spec.name]
-        if a.dtype.kind == "f":
-            state[spec.name] = rng.standard_normal(a.shape).astype(a.dtype)
-        else:  # counters: block b has seen 40 + b inputs
-            seen = (40 + np.arange(a.shape[0])).reshape(-1, *([1] * (a.ndim - 1)))
-            state[spec.name] = np.broadcast_to(seen, a.shape).astype(a.dtype)
-    names = [s.name for s in card.states]
-    graph_state = {k: v.copy() for k, v in state.items()}
-    native_state = {k: v.copy() for k, v in state.items()}
-    outputs = ["y", card.output.valid, *(f"{n}_next" for n in names)]
-    diff, emitted = 0.0, 0
-    problem = None
-    calls = 0
-    while calls < PROBE_CALLS or (emitted < 2 and calls < PROBE_MAX_CALLS):
-        call = calls
-        calls += 1
-        x = rng.standard_normal((inp.unit, *inp.row_shape)).astype(np.float32)
-        out = session.run(outputs, {"x": x[None], **graph_state})
-        graph_state = dict(zip(names, out[2:]))
-        y, valid = native.run(x, native_state)  # type: ignore[misc]
-        want_valid = bool(np.asarray(out[1]).reshape(-1)[0])
-        if bool(valid) != want_valid:
-            problem = f"valid is {bool(valid)} on probe call {call}, the graph says {want_valid}"
-            break
-        pairs = [(n, native_state[n], graph_state[n]) for n in names]
-        if want_valid:
-            emitted += 1
-            pairs.insert(0, ("y", np.asarray(y).reshape(-1), out[0].reshape(-1)))
-        for name, got, want in pairs:
-            if got.shape != want.shape:
-                problem = f"{name} has shape {got.shape}, the graph's {want.shape}"
-            elif got.dtype.kind != "f":
-                if not np.array_equal(got, want):
-                    problem = f"{name} differs from the graph's after probe call {call}"
-            elif want.size:
-                d = float(np.max(np.abs(got.astype(np.float64) - want)))
-                t = NATIVE_TOL[native.precision] * max(1.0, float(np.max(np.abs(want))))
-                diff = max(diff, d)
-                if not d <= t:
-                    problem = (f"{name} differs by {d:.3g} after probe call {call} "
-                               f"(tolerance {t:.3g} for {native.precision})")
-            if problem:
-                break
-        if problem:
-            break
-    if problem is None and emitted == 0:
-        problem = f"none of {calls} probe calls emitted (the check would prove nothing)"
-    if problem is not None:
-        raise ModelError(
-            f"{card.path}: the native weights {card.native_path} disagree with the ONNX graph "
-            f"{card.onnx_path}: {problem}; they are not the same network. Re-run 'emgd models "
-            "import' (or 'build-random') to regenerate both, or set decoder_backend = \"onnx\"")
-    log.debug("%s: native %s kernel matches the graph to %.2g over %d probe calls "
-              "(%d emitted)", card.name, native.precision, diff, calls, emitted)
-    return diff
 
 
 def mpf_highpass(cards: list[ModelCard]) -> tuple[float, int] | None:

@@ -1,471 +1,48 @@
-"""Native (Numba) step kernels for the two LSTM networks: gestures and wrist.
+"""emgd's native (Numba) decoder kernels: which kernel runs which card, loading, checking.
 
-(The handwriting conformer's kernel is in :mod:`emgd.native_handwriting`; it registers here
-in :data:`KERNELS` and loads through :func:`load_native` like these two.)
+The daemon runs its decoders in its own Numba step kernels by default (setting
+``decoder_backend``; ``docs/adr/0005-native-decoder-kernels.md`` says why and what it
+measured): :mod:`emgd.native_lstm` for the gesture and wrist networks (LSTM matrices as
+int16 rows or float32), :mod:`emgd.native_handwriting` for the handwriting conformer
+(float32). Each computes exactly what its ONNX step graph computes, from the card's
+``[native]`` weights: an ``.npz`` of the network's ``state_dict`` (``models/README.md``).
 
-Why: one streaming step of the gesture network reads its whole 3×512 LSTM — 25 MB of
-float32 weights — every 5 ms hop. That is memory-bound: on a 2-core EPYC VM the effective
-last-level cache holds about 12–16 MB, so every hop streams the weights from DRAM and ONNX
-Runtime's LSTM step costs ~1.1 ms (``benchmarks/bench_decoders.py``). Stored as int16 with
-one float32 scale per matrix row (``w ≈ scale_r · q``, ``|error| <= max|row| / 65534``), the
-matrices take 12.6 MB, stay in cache and one step costs ~0.3 ms; products are accumulated in
-float32, so the network's arithmetic is otherwise unchanged. On full-size random weights the
-gesture logits move by at most 3e-5 over 30 s (int8 moved them by 2e-2) and the detected
-events are identical; the exporter measures this for every model and writes it into the
-card (``[native]``), and ``docs/adr/0005-native-lstm-kernels.md`` has the numbers.
-
-The weights come from the card's ``[native]`` sidecar file: an ``.npz`` of the network's
-``state_dict`` (reference parameter names, float32), plus ``rotation_gather`` for the wrist
-network (the flat indices of the three channel rotations' vectorised MPF matrices). The
-kernels reproduce exactly what the ONNX step graphs compute (``models/export.py``):
-
-- gestures, per 10-sample unit: Reinhard compression into a buffer after the 11-sample
-  compressed tail, Conv1d(16→512, k=21, stride 10) + ReLU, LayerNorm, the LSTM stack,
-  LayerNorm, Linear(512→9);
-- wrist, per MPF frame: for each rotation, gather its features, MLP with LeakyReLU(0.01)
-  after every layer, mean over the rotations; the LSTM stack; LeakyReLU(0.01), Linear(512→1).
-
-PyTorch conventions: gate order i, f, g, o; ``c' = σ(f)c + σ(i)tanh(g)``, ``h' = σ(o)tanh(c')``;
-both biases added; LayerNorm eps 1e-5 with the biased variance.
-
-:func:`load_native` builds a :class:`NativeNet` for a card (sha256, key and shape checks with
-errors that name the key); the decoders (:mod:`emgd.decoders`) call its ``run``.
+:func:`load_native` builds the kernel for a card (sha256, key and shape checks with errors
+that name the key); :func:`check_native` runs a seeded probe through the kernel and the ONNX
+session and refuses a mismatch. The decoders (:mod:`emgd.decoders`) call ``run``.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-from numba import njit
 
 from emgd.errors import ModelError
 from emgd.modelcard import ModelCard, file_sha256
+from emgd.native_common import PRECISIONS, NativeNet, _Weights, quantize_rows
+from emgd.native_handwriting import NativeHandwriting
+from emgd.native_lstm import NativeGestures, NativeWrist
 
-PRECISIONS = ("int16", "float32")
-LN_EPS = 1e-5
-LEAKY_SLOPE = 0.01
-INT16_MAX = 32767.0
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
-# reassociation lets LLVM vectorise the dot products; no assumptions about inf/NaN
-_FM = {"reassoc", "contract", "nsz"}
+__all__ = ["KERNELS", "NATIVE_TOL", "PRECISIONS", "NativeNet", "check_native", "load_native",
+           "quantize_rows"]
 
+log = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- kernels
-
-
-@njit(nogil=True, cache=True, inline="always", fastmath=_FM)
-def _sigmoid(v: float) -> float:
-    if v >= 0.0:
-        return 1.0 / (1.0 + np.exp(-v))
-    e = np.exp(v)
-    return e / (1.0 + e)
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _gates_f32(w, off, rows, n_in, hidden, inp, hprev, bias, boff, gates):
-    width = n_in + hidden
-    for r in range(rows):
-        row = w[off + r * width:off + (r + 1) * width]  # slices: no negative-index checks
-        acc = np.float32(0.0)
-        for j in range(n_in):
-            acc += row[j] * inp[j]
-        rec = row[n_in:]
-        for j in range(hidden):
-            acc += rec[j] * hprev[j]
-        gates[r] = acc + bias[boff + r]
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _gates_i16(w, off, rows, n_in, hidden, inp, hprev, scale, bias, boff, gates):
-    width = n_in + hidden
-    for r in range(rows):
-        row = w[off + r * width:off + (r + 1) * width]
-        acc = np.float32(0.0)
-        for j in range(n_in):
-            acc += np.float32(row[j]) * inp[j]
-        rec = row[n_in:]
-        for j in range(hidden):
-            acc += np.float32(rec[j]) * hprev[j]
-        gates[r] = acc * scale[boff + r] + bias[boff + r]
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _lstm_stack(x, w32, w16, scale, bias, offs, n_ins, h, c, gates, use16):
-    """One time step of a stacked LSTM; h, c (L, H) updated in place; returns h[L-1]."""
-    layers, hidden = h.shape
-    rows = 4 * hidden
-    inp = x
-    for layer in range(layers):
-        boff = layer * rows
-        if use16:
-            _gates_i16(w16, offs[layer], rows, n_ins[layer], hidden, inp, h[layer], scale,
-                       bias, boff, gates)
-        else:
-            _gates_f32(w32, offs[layer], rows, n_ins[layer], hidden, inp, h[layer], bias,
-                       boff, gates)
-        for k in range(hidden):
-            ig = _sigmoid(gates[k])
-            fg = _sigmoid(gates[hidden + k])
-            gg = np.tanh(gates[2 * hidden + k])
-            og = _sigmoid(gates[3 * hidden + k])
-            cn = fg * c[layer, k] + ig * gg
-            c[layer, k] = cn
-            h[layer, k] = og * np.tanh(cn)
-        inp = h[layer]
-    return inp
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _layer_norm(v, g, b, out):
-    n = v.shape[0]
-    mean = 0.0
-    for i in range(n):
-        mean += v[i]
-    mean /= n
-    var = 0.0
-    for i in range(n):
-        d = v[i] - mean
-        var += d * d
-    inv = 1.0 / np.sqrt(var / n + LN_EPS)
-    for i in range(n):
-        out[i] = np.float32((v[i] - mean) * inv) * g[i] + b[i]
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _gestures_run(x, tail, cbuf, rng, mid, conv_w, conv_b, ln1_g, ln1_b, z, zn,
-                  w32, w16, scale, bias, offs, n_ins, h, c, gates, use16,
-                  ln2_g, ln2_b, hn, proj_w, proj_b, y):
-    """x (10T, C) preprocessed µV; tail (P, C) compressed; y (T, n_out) written."""
-    n, channels = x.shape
-    keep = tail.shape[0]
-    stride = 10
-    units = n // stride
-    for i in range(keep):
-        for ch in range(channels):
-            cbuf[i, ch] = tail[i, ch]
-    for i in range(n):
-        for ch in range(channels):
-            s = x[i, ch]
-            cbuf[keep + i, ch] = rng * s / (mid + abs(s))
-    flat = cbuf.reshape(-1)
-    taps = conv_w.shape[1]  # kernel * channels
-    for t in range(units):
-        start = t * stride * channels
-        window = flat[start:start + taps]
-        for o in range(conv_w.shape[0]):
-            acc = np.float32(0.0)
-            wo = conv_w[o]
-            for k in range(taps):
-                acc += wo[k] * window[k]
-            acc += conv_b[o]
-            z[o] = acc if acc > 0.0 else np.float32(0.0)
-        _layer_norm(z, ln1_g, ln1_b, zn)
-        top = _lstm_stack(zn, w32, w16, scale, bias, offs, n_ins, h, c, gates, use16)
-        _layer_norm(top, ln2_g, ln2_b, hn)
-        for o in range(proj_w.shape[0]):
-            acc = np.float32(0.0)
-            for k in range(hn.shape[0]):
-                acc += proj_w[o, k] * hn[k]
-            y[t, o] = acc + proj_b[o]
-    for i in range(keep):
-        for ch in range(channels):
-            tail[i, ch] = cbuf[n + i, ch]
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _wrist_run(frames, gather, mlp_w, mlp_b, mlp_woff, mlp_boff, mlp_dims, feats, act,
-               mean, w32, w16, scale, bias, offs, n_ins, h, c, gates, use16,
-               out_w, out_b, y):
-    """frames (K, F·C·C) flat MPF frames; y (K, n_out) written."""
-    rotations, width = gather.shape
-    layers = mlp_dims.shape[0] - 1
-    last = mlp_dims[layers]
-    for kf in range(frames.shape[0]):
-        fr = frames[kf]
-        for i in range(last):
-            mean[i] = 0.0
-        for r in range(rotations):
-            for i in range(width):
-                feats[0, i] = fr[gather[r, i]]
-            src = 0
-            for layer in range(layers):
-                n_in = mlp_dims[layer]
-                n_out = mlp_dims[layer + 1]
-                woff = mlp_woff[layer]
-                boff = mlp_boff[layer]
-                dst = 1 - src
-                inp = feats[src]
-                for o in range(n_out):
-                    row = mlp_w[woff + o * n_in:woff + (o + 1) * n_in]
-                    acc = np.float32(0.0)
-                    for j in range(n_in):
-                        acc += row[j] * inp[j]
-                    acc += mlp_b[boff + o]
-                    feats[dst, o] = acc if acc >= 0.0 else acc * np.float32(LEAKY_SLOPE)
-                src = dst
-            for i in range(last):
-                mean[i] += feats[src, i]
-        for i in range(last):
-            act[i] = mean[i] / np.float32(rotations)
-        top = _lstm_stack(act, w32, w16, scale, bias, offs, n_ins, h, c, gates, use16)
-        for o in range(out_w.shape[0]):
-            acc = np.float32(0.0)
-            for k in range(top.shape[0]):
-                v = top[k]
-                acc += out_w[o, k] * (v if v >= 0.0 else v * np.float32(LEAKY_SLOPE))
-            y[kf, o] = acc + out_b[o]
-
-
-# --------------------------------------------------------------------------- weights
-
-
-class _Weights:
-    """The sidecar's arrays, with errors that name the file and the key."""
-
-    def __init__(self, arrays: Mapping[str, np.ndarray], source: str) -> None:
-        self.arrays = arrays
-        self.source = source
-
-    def get(self, key: str, shape: tuple[int | None, ...], dtype: type = np.float32
-            ) -> np.ndarray:
-        if key not in self.arrays:
-            raise ModelError(f"{self.source}: native weights lack {key!r}")
-        a = np.asarray(self.arrays[key])
-        if a.dtype != np.dtype(dtype):
-            raise ModelError(f"{self.source}: {key} has dtype {a.dtype}, expected "
-                             f"{np.dtype(dtype)}")
-        if len(a.shape) != len(shape) or any(e is not None and e != s
-                                             for e, s in zip(shape, a.shape)):
-            want = "(" + ", ".join("?" if e is None else str(e) for e in shape) + ")"
-            raise ModelError(f"{self.source}: {key} has shape {tuple(a.shape)}, expected {want}")
-        if dtype == np.float32 and not np.all(np.isfinite(a)):
-            raise ModelError(f"{self.source}: {key} holds NaN or inf")
-        return np.ascontiguousarray(a)
-
-
-def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int16 rows and their float32 scales: ``w[r] ≈ scale[r] · q[r]`` (round to nearest)."""
-    w64 = w.astype(np.float64)
-    peak = np.abs(w64).max(axis=1)
-    scale = np.where(peak > 0, peak / INT16_MAX, 1.0)
-    q = np.rint(w64 / scale[:, None])
-    return q.astype(np.int16), scale.astype(np.float32)
-
-
-@dataclass
-class _Lstm:
-    w32: np.ndarray
-    w16: np.ndarray
-    scale: np.ndarray
-    bias: np.ndarray
-    offs: np.ndarray
-    n_ins: np.ndarray
-    layers: int
-    hidden: int
-    use16: bool
-
-
-def _lstm_weights(wts: _Weights, n_in: int, precision: str) -> _Lstm:
-    layers = 0
-    while f"lstm.weight_ih_l{layers}" in wts.arrays:
-        layers += 1
-    if layers == 0:
-        raise ModelError(f"{wts.source}: native weights lack 'lstm.weight_ih_l0'")
-    rows = wts.get("lstm.weight_hh_l0", (None, None)).shape[0]
-    hidden = rows // 4
-    mats, biases, n_ins = [], [], []
-    for layer in range(layers):
-        size = n_in if layer == 0 else hidden
-        wi = wts.get(f"lstm.weight_ih_l{layer}", (4 * hidden, size))
-        wh = wts.get(f"lstm.weight_hh_l{layer}", (4 * hidden, hidden))
-        bi = wts.get(f"lstm.bias_ih_l{layer}", (4 * hidden,))
-        bh = wts.get(f"lstm.bias_hh_l{layer}", (4 * hidden,))
-        mats.append(np.concatenate([wi, wh], axis=1))
-        biases.append(bi + bh)
-        n_ins.append(size)
-    offs = np.cumsum([0] + [m.size for m in mats[:-1]]).astype(np.int64)
-    use16 = precision == "int16"
-    if use16:
-        qs = [quantize_rows(m) for m in mats]
-        w16 = np.concatenate([q.reshape(-1) for q, _ in qs])
-        scale = np.concatenate([s for _, s in qs])
-        w32 = np.zeros(1, np.float32)
-    else:
-        w32 = np.concatenate([m.reshape(-1) for m in mats]).astype(np.float32)
-        w16 = np.zeros(1, np.int16)
-        scale = np.ones(layers * 4 * hidden, np.float32)
-    return _Lstm(w32, w16, scale, np.concatenate(biases).astype(np.float32), offs,
-                 np.asarray(n_ins, np.int64), layers, hidden, use16)
-
-
-# --------------------------------------------------------------------------- networks
-
-
-class NativeNet:
-    """A network's step on preallocated buffers; ``run(x, state)`` mirrors the ONNX graph."""
-
-    kind = ""
-    precision = "float32"
-
-    def run(self, x: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
-        """Consume ``x`` (the graph's x without the batch axis), update ``state`` in place,
-        return the output rows (a view of a reused buffer)."""
-        raise NotImplementedError
-
-    @property
-    def weight_bytes(self) -> int:
-        return int(self._lstm.w16.nbytes + self._lstm.w32.nbytes)  # type: ignore[attr-defined]
-
-
-class NativeGestures(NativeNet):
-    kind = "gestures_lstm"
-
-    def __init__(self, wts: _Weights, card: ModelCard, precision: str, capacity: int) -> None:
-        prime = card.input.prime
-        if prime is None or prime.transform != "reinhard":
-            raise ModelError(f"{card.path}: the native gesture kernel needs [input.prime] "
-                             "with transform = 'reinhard'")
-        channels = card.input.channels
-        conv = wts.get("conv_layer.weight", (None, channels, None))
-        out_ch, _, kernel = conv.shape
-        if kernel != prime.samples + card.input.unit or card.input.unit != 10:
-            raise ModelError(f"{wts.source}: conv_layer.weight kernel {kernel} does not fit "
-                             f"the card's prime ({prime.samples}) + unit ({card.input.unit})")
-        self.precision = precision
-        self._tail_name = prime.state
-        self._rng = np.float32(prime.range)
-        self._mid = np.float32(prime.midpoint)
-        self._conv_w = np.ascontiguousarray(conv.transpose(0, 2, 1).reshape(out_ch, -1))
-        self._conv_b = wts.get("conv_layer.bias", (out_ch,))
-        self._ln1 = (wts.get("post_conv_layer_norm.weight", (out_ch,)),
-                     wts.get("post_conv_layer_norm.bias", (out_ch,)))
-        self._lstm = lstm = _lstm_weights(wts, out_ch, precision)
-        n_out = len(card.output.labels)
-        self._ln2 = (wts.get("post_lstm_layer_norm.weight", (lstm.hidden,)),
-                     wts.get("post_lstm_layer_norm.bias", (lstm.hidden,)))
-        self._proj = (wts.get("projection.weight", (n_out, lstm.hidden)),
-                      wts.get("projection.bias", (n_out,)))
-        units = capacity // 10 + 1
-        self._cbuf = np.zeros((prime.samples + units * 10, channels), np.float32)
-        self._z = np.zeros(out_ch, np.float32)
-        self._zn = np.zeros(out_ch, np.float32)
-        self._gates = np.zeros(4 * lstm.hidden, np.float32)
-        self._hn = np.zeros(lstm.hidden, np.float32)
-        self._y = np.zeros((units, n_out), np.float32)
-        _check_lstm_states(card, lstm, wts.source)
-
-    def run(self, x: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
-        units = x.shape[0] // 10
-        if units > self._y.shape[0]:
-            raise ValueError(f"{units} units exceed the kernel's buffer ({self._y.shape[0]})")
-        lstm = self._lstm
-        y = self._y[:units]
-        _gestures_run(x, state[self._tail_name][0], self._cbuf, self._rng, self._mid,
-                      self._conv_w, self._conv_b, self._ln1[0], self._ln1[1], self._z,
-                      self._zn, lstm.w32, lstm.w16, lstm.scale, lstm.bias, lstm.offs,
-                      lstm.n_ins, _hc(state["h"]), _hc(state["c"]), self._gates, lstm.use16,
-                      self._ln2[0], self._ln2[1], self._hn, self._proj[0], self._proj[1], y)
-        return y
-
-
-class NativeWrist(NativeNet):
-    kind = "wrist_lstm"
-
-    def __init__(self, wts: _Weights, card: ModelCard, precision: str, capacity: int) -> None:
-        c = card.input.channels
-        gather = wts.get("rotation_gather", (None, None), np.int64)
-        frame = 6 * c * c
-        if gather.size and (gather.min() < 0 or gather.max() >= frame):
-            raise ModelError(f"{wts.source}: rotation_gather indexes outside a (6, {c}, {c}) "
-                             "MPF frame")
-        rotations, per_band = gather.shape
-        # one gather row per rotation over the whole frame, band-major: b·D + d
-        full = (np.arange(6)[None, :, None] * c * c + gather[:, None, :]).reshape(rotations, -1)
-        self._gather = np.ascontiguousarray(full.astype(np.int64))
-        dims = [6 * per_band]
-        ws: list[np.ndarray] = []
-        bs: list[np.ndarray] = []
-        while f"rotation_invariant_mlp.fully_connected_layers.{len(ws)}.weight" in wts.arrays:
-            i = len(ws)
-            w = wts.get(f"rotation_invariant_mlp.fully_connected_layers.{i}.weight",
-                        (None, dims[-1]))
-            ws.append(w)
-            bs.append(wts.get(f"rotation_invariant_mlp.fully_connected_layers.{i}.bias",
-                              (w.shape[0],)))
-            dims.append(w.shape[0])
-        if not ws:
-            raise ModelError(f"{wts.source}: native weights lack "
-                             "'rotation_invariant_mlp.fully_connected_layers.0.weight'")
-        self.precision = precision
-        self._mlp_w = np.concatenate([w.reshape(-1) for w in ws])
-        self._mlp_b = np.concatenate(bs)
-        self._mlp_woff = np.cumsum([0] + [w.size for w in ws[:-1]]).astype(np.int64)
-        self._mlp_boff = np.cumsum([0] + [b.size for b in bs[:-1]]).astype(np.int64)
-        self._mlp_dims = np.asarray(dims, np.int64)
-        self._lstm = lstm = _lstm_weights(wts, dims[-1], precision)
-        n_out = len(card.output.labels)
-        self._out = (wts.get("linear_out.weight", (n_out, lstm.hidden)),
-                     wts.get("linear_out.bias", (n_out,)))
-        self._feats = np.zeros((2, max(dims)), np.float32)
-        self._act = np.zeros(dims[-1], np.float32)
-        self._mean = np.zeros(dims[-1], np.float32)
-        self._gates = np.zeros(4 * lstm.hidden, np.float32)
-        self._y = np.zeros((capacity + 1, n_out), np.float32)
-        self._frame = frame
-        _check_lstm_states(card, lstm, wts.source)
-
-    def run(self, x: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
-        k = x.shape[0]
-        if k > self._y.shape[0]:
-            raise ValueError(f"{k} frames exceed the kernel's buffer ({self._y.shape[0]})")
-        lstm = self._lstm
-        y = self._y[:k]
-        _wrist_run(x.reshape(k, self._frame), self._gather, self._mlp_w, self._mlp_b,
-                   self._mlp_woff, self._mlp_boff, self._mlp_dims, self._feats, self._act,
-                   self._mean, lstm.w32, lstm.w16, lstm.scale, lstm.bias, lstm.offs,
-                   lstm.n_ins, _hc(state["h"]), _hc(state["c"]), self._gates, lstm.use16,
-                   self._out[0], self._out[1], y)
-        return y
-
-
-def _hc(a: np.ndarray) -> np.ndarray:
-    """(L, 1, H) state -> a contiguous (L, H) view (updated in place by the kernels)."""
-    return a.reshape(a.shape[0], a.shape[-1])
-
-
-def _check_lstm_states(card: ModelCard, lstm: _Lstm, source: str) -> None:
-    shapes = {s.name: (s.shape, s.dtype) for s in card.states}
-    want = ((lstm.layers, 1, lstm.hidden), "float32")
-    for name in ("h", "c"):
-        if shapes.get(name) != want:
-            raise ModelError(f"{card.path}: the native kernel needs a float32 state {name!r} "
-                             f"of shape {want[0]} (the weights in {source} have "
-                             f"{lstm.layers} layers of {lstm.hidden}); the card has "
-                             f"{shapes.get(name)}")
-
-
-# A kernel is a NativeNet class, or "module:Class" for one in its own module that imports
-# this one (emgd.native_handwriting): resolved on first use, so neither module imports the
-# other at import time.
-KERNELS: dict[str, Callable[..., NativeNet] | str] = {
+KERNELS: dict[str, Callable[..., NativeNet]] = {
     "gestures_lstm": NativeGestures,
     "wrist_lstm": NativeWrist,
-    "handwriting_conformer": "emgd.native_handwriting:NativeHandwriting",
+    "handwriting_conformer": NativeHandwriting,
 }
 TASK_KERNEL = {"discrete_gestures": "gestures_lstm", "wrist": "wrist_lstm",
                "handwriting": "handwriting_conformer"}
-
-
-def _kernel_class(kernel: str) -> Callable[..., NativeNet]:
-    cls = KERNELS[kernel]
-    if isinstance(cls, str):
-        module, _, name = cls.partition(":")
-        cls = getattr(importlib.import_module(module), name)
-        KERNELS[kernel] = cls
-    return cls
+# native kernel vs graph on the load-time probe, relative to max(1, max |output|)
+NATIVE_TOL = {"int16": 2e-3, "float32": 1e-4}
 
 
 def load_native(card: ModelCard, precision: str, capacity: int, verify: bool = True
@@ -495,4 +72,112 @@ def load_native(card: ModelCard, precision: str, capacity: int, verify: bool = T
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError) as exc:
         raise ModelError(f"cannot read native weights {path}: {exc}") from exc
-    return _kernel_class(spec.kernel)(_Weights(arrays, str(path)), card, precision, capacity)
+    return KERNELS[spec.kernel](_Weights(arrays, str(path)), card, precision, capacity)
+
+
+def check_native(card: ModelCard, session: ort.InferenceSession, native: NativeNet) -> float:
+    """Run a seeded probe through the graph and the native kernel from the initial state;
+    ModelError when they disagree by more than the precision allows. Returns the difference."""
+    if card.output.valid is not None:
+        return _check_native_steps(card, session, native)
+    rng = np.random.default_rng(20251125)
+    state = card.initial_state()
+    inp = card.input
+    if inp.kind == "emg":
+        prime = inp.prime
+        assert prime is not None
+        emg = (rng.standard_normal((prime.samples + 40 * inp.unit, inp.channels)) * 30.0
+               ).astype(np.float32)
+        state[prime.state] = prime.apply(emg[:prime.samples])[None]
+        x = emg[prime.samples:]
+    else:
+        x = rng.standard_normal((20, *inp.row_shape)).astype(np.float32)
+    names = [s.name for s in card.states]
+    want = session.run(["y"], {"x": x[None], **state})[0][0]
+    got = native.run(x, {k: v.copy() for k, v in state.items() if k in names})
+    diff = float(np.max(np.abs(got - want))) if want.size else 0.0
+    tol = (NATIVE_TOL[native.precision] * max(1.0, float(np.max(np.abs(want))))
+           if want.size else 0.0)
+    if not diff <= tol:
+        raise ModelError(
+            f"{card.path}: the native weights {card.native_path} disagree with the ONNX graph "
+            f"{card.onnx_path} by {diff:.3g} on a probe input (tolerance {tol:.3g} for "
+            f"{native.precision}): they are not the same network. Re-run 'emgd models import' "
+            "(or 'build-random') to regenerate both, or set decoder_backend = \"onnx\"")
+    log.debug("%s: native %s kernel matches the graph to %.2g", card.name, native.precision,
+              diff)
+    return diff
+
+
+# handwriting probe: calls from a state with warm caches; at least PROBE_CALLS, then on until
+# two emissions (the reference layout emits on the 2nd and 6th call), at most PROBE_MAX_CALLS
+PROBE_CALLS = 8
+PROBE_MAX_CALLS = 64
+
+
+def _check_native_steps(card: ModelCard, session: ort.InferenceSession,
+                        native: NativeNet) -> float:
+    """The probe for a graph with a ``valid`` output (handwriting): from a seeded state with
+    random caches and counts 40 + b (past every block's warm-up, so calls emit soon), calls
+    through both, each carrying its own state (module constants: how many). ``valid`` must
+    agree on every call and be true at least once; y is compared where valid, the next states
+    after every call (counts exactly)."""
+    rng = np.random.default_rng(20251125)
+    inp = card.input
+    state = card.initial_state()
+    for spec in card.states:
+        a = state[spec.name]
+        if a.dtype.kind == "f":
+            state[spec.name] = rng.standard_normal(a.shape).astype(a.dtype)
+        else:  # counters: block b has seen 40 + b inputs
+            seen = (40 + np.arange(a.shape[0])).reshape(-1, *([1] * (a.ndim - 1)))
+            state[spec.name] = np.broadcast_to(seen, a.shape).astype(a.dtype)
+    names = [s.name for s in card.states]
+    graph_state = {k: v.copy() for k, v in state.items()}
+    native_state = {k: v.copy() for k, v in state.items()}
+    outputs = ["y", card.output.valid, *(f"{n}_next" for n in names)]
+    diff, emitted = 0.0, 0
+    problem = None
+    calls = 0
+    while calls < PROBE_CALLS or (emitted < 2 and calls < PROBE_MAX_CALLS):
+        call = calls
+        calls += 1
+        x = rng.standard_normal((inp.unit, *inp.row_shape)).astype(np.float32)
+        out = session.run(outputs, {"x": x[None], **graph_state})
+        graph_state = dict(zip(names, out[2:]))
+        y, valid = native.run(x, native_state)  # type: ignore[misc]
+        want_valid = bool(np.asarray(out[1]).reshape(-1)[0])
+        if bool(valid) != want_valid:
+            problem = f"valid is {bool(valid)} on probe call {call}, the graph says {want_valid}"
+            break
+        pairs = [(n, native_state[n], graph_state[n]) for n in names]
+        if want_valid:
+            emitted += 1
+            pairs.insert(0, ("y", np.asarray(y).reshape(-1), out[0].reshape(-1)))
+        for name, got, want in pairs:
+            if got.shape != want.shape:
+                problem = f"{name} has shape {got.shape}, the graph's {want.shape}"
+            elif got.dtype.kind != "f":
+                if not np.array_equal(got, want):
+                    problem = f"{name} differs from the graph's after probe call {call}"
+            elif want.size:
+                d = float(np.max(np.abs(got.astype(np.float64) - want)))
+                t = NATIVE_TOL[native.precision] * max(1.0, float(np.max(np.abs(want))))
+                diff = max(diff, d)
+                if not d <= t:
+                    problem = (f"{name} differs by {d:.3g} after probe call {call} "
+                               f"(tolerance {t:.3g} for {native.precision})")
+            if problem:
+                break
+        if problem:
+            break
+    if problem is None and emitted == 0:
+        problem = f"none of {calls} probe calls emitted (the check would prove nothing)"
+    if problem is not None:
+        raise ModelError(
+            f"{card.path}: the native weights {card.native_path} disagree with the ONNX graph "
+            f"{card.onnx_path}: {problem}; they are not the same network. Re-run 'emgd models "
+            "import' (or 'build-random') to regenerate both, or set decoder_backend = \"onnx\"")
+    log.debug("%s: native %s kernel matches the graph to %.2g over %d probe calls "
+              "(%d emitted)", card.name, native.precision, diff, calls, emitted)
+    return diff

@@ -41,7 +41,7 @@ from numba import njit
 
 from emgd.errors import ModelError
 from emgd.modelcard import ModelCard
-from emgd.native import _FM, LEAKY_SLOPE, NativeNet, _layer_norm, _Weights
+from emgd.native_common import _FM, LEAKY_SLOPE, NativeNet, _layer_norm, _Weights
 
 FRAMES_PER_CALL = 2
 FF_WEIGHT = 0.5  # Residual weight of the feed-forward modules (attention and conv: 1.0)
@@ -502,12 +502,6 @@ class NativeHandwriting(NativeNet):
         self._s = np.zeros((S_FIXED + 3 * heads, width), np.float32)
         self._tok = np.zeros(int(windows.max()) * d, np.float32)
         self._y = np.zeros((1, n_out), np.float32)
-        self.weight_count = int(sum(a.size for a in (*self._blocks, *self._out, *self._in,
-                                                      self._mlp_w)))
-
-    @property
-    def weight_bytes(self) -> int:
-        return 4 * self.weight_count
 
     def _state(self, state: dict[str, np.ndarray], name: str, dtype: type) -> np.ndarray:
         a = state[name]
