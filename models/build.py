@@ -15,6 +15,7 @@ card schema in ``models/README.md``.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import importlib
 import importlib.util
@@ -32,9 +33,12 @@ import torch
 from torch import nn
 
 from emgd import __version__
-from emgd.detection import DEBOUNCE_SAMPLES, GESTURES, THRESHOLD
+from emgd.detection import DEBOUNCE_SAMPLES, GESTURES, THRESHOLD, detect_offline
+from emgd.drivers.simsignal import SignalGenerator
 from emgd.errors import ModelError
+from emgd.highpass import HighPass
 from emgd.modelcard import (
+    NATIVE_KERNELS,
     SCHEMA,
     InputSpec,
     ModelCard,
@@ -48,6 +52,7 @@ from emgd.modelcard import (
     load_card,
     write_card,
 )
+from emgd.native_common import quantize_rows
 from emgd.vocab import BLANK, KEY_NAMES
 
 from . import export
@@ -291,9 +296,6 @@ def _native_sidecar(tmp: Path, task: str, net: nn.Module, scale: float,
     what int16 LSTM rows change: the offline forward with the LSTM matrices rounded to int16
     rows against float32, on seeded simulator EMG. The handwriting kernel is float32 only
     (no LSTM): its card's int16 fields stay empty."""
-    from emgd.modelcard import NATIVE_KERNELS
-    from emgd.native import quantize_rows
-
     if task not in NATIVE_KERNELS:
         return None
     arrays = {k: v.detach().cpu().numpy().astype(np.float32)
@@ -311,7 +313,7 @@ def _native_sidecar(tmp: Path, task: str, net: nn.Module, scale: float,
     if task == "handwriting":
         return NativeSpec(kernel=NATIVE_KERNELS[task], file=path.name,
                           sha256=file_sha256(path))
-    delta, same = _int16_delta(task, net, scale, highpass_hz, quantize_rows)
+    delta, same = _int16_delta(task, net, scale, highpass_hz)
     return NativeSpec(kernel=NATIVE_KERNELS[task], file=path.name, sha256=file_sha256(path),
                       int16_max_abs_delta=float(f"{delta:.3g}"),
                       int16_events_identical=same, test_data=NATIVE_TEST_DATA)
@@ -334,15 +336,8 @@ def _handwriting_layout(net: nn.Module) -> dict[str, np.ndarray]:
     }
 
 
-def _int16_delta(task: str, net: nn.Module, scale: float, highpass_hz: float,
-                 quantize_rows: Callable) -> tuple[float, bool | None]:
-    import copy
-
-    from emgd.drivers.simsignal import SignalGenerator
-
-    from emgd.detection import detect_offline
-    from emgd.highpass import HighPass
-
+def _int16_delta(task: str, net: nn.Module, scale: float,
+                 highpass_hz: float) -> tuple[float, bool | None]:
     n = int(NATIVE_TEST_SECONDS * 2000)
     emg = SignalGenerator(seed=0).generate(n).astype(np.float32) * np.float32(scale)
     if highpass_hz:
