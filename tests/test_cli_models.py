@@ -222,6 +222,8 @@ def test_quantize_writes_an_int8_copy_with_its_delta(tmp_path):
 
     new = load_card(next(p for p in out.glob("*.toml") if p != card))
     assert "quantization" in new.provenance and new.name.endswith("-int8")
+    assert load_card(card).native is not None
+    assert new.native is None  # the int8 graph is the network: it runs in ONNX Runtime
     again = subprocess.run(run + ["quantize", str(card)], capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 1 and "overwrite" in again.stderr
