@@ -92,14 +92,15 @@ def load_decoder(card_path: str | PathLike[str], *, threads: int = 1,
         decoder = HandwritingDecoder(card, session, capacity)
     else:
         decoder = MpfDecoder(card, session, capacity)
-    if backend != "onnx" and card.native is None:
+    if backend == "onnx":
+        return decoder
+    if card.native is None:
         log.info("%s: the card has no [native] weights, so ONNX Runtime runs it (re-import or "
                  "rebuild the model to get them)", card.name)
-    if backend != "onnx" and card.native is not None:
-        native = load_native(card, backend.removeprefix("native-"), decoder.capacity,
-                             verify=verify)
-        check_native(card, session, native)
-        decoder.native = native
+        return decoder
+    native = load_native(card, backend.removeprefix("native-"), decoder.capacity, verify=verify)
+    check_native(card, session, native)
+    decoder.native = native
     return decoder
 
 

@@ -159,6 +159,12 @@ def test_missing_weights_file(small, tmp_path):
         load_decoder(card, backend="native-int16")
 
 
+def test_config_knows_the_same_backends():
+    from emgd import config, decoders
+
+    assert config.DECODER_BACKENDS == decoders.DECODER_BACKENDS
+
+
 def test_unknown_kernel_setting(small):
     with pytest.raises(ModelError, match="decoder backend must be one of"):
         load_decoder(small[0]["wrist"], backend="int8")
