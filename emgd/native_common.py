@@ -9,6 +9,7 @@ LeakyReLU slope 0.01.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
@@ -70,6 +71,129 @@ class _Weights:
         if dtype == np.float32 and not np.all(np.isfinite(a)):
             raise ModelError(f"{self.source}: {key} holds NaN or inf")
         return np.ascontiguousarray(a)
+
+
+@njit(nogil=True, cache=True, inline="always", fastmath=_FM)
+def _leaky(v):
+    return v if v >= 0.0 else v * np.float32(LEAKY_SLOPE)
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def _rotation_mlp(frames, gather, mlp_w, mlp_b, mlp_woff, mlp_boff, mlp_dims, feats, red):
+    """The rotation-invariant MLP: frames (K, F·C·C) -> red (K·M), per frame the mean over
+    the rotations of the MLP output (LeakyReLU after every layer). feats (2, K·R, width) is
+    scratch; each row of the weights is read once for three vectors at a time."""
+    n_frames = frames.shape[0]
+    rotations, width = gather.shape
+    layers = mlp_dims.shape[0] - 1
+    last = mlp_dims[layers]
+    n_vec = n_frames * rotations
+    for kf in range(n_frames):  # gather every (frame, rotation) feature vector
+        fr = frames[kf]
+        for r in range(rotations):
+            g = gather[r]
+            dst = feats[0, kf * rotations + r]
+            for i in range(width):
+                dst[i] = fr[g[i]]
+    src = 0
+    for layer in range(layers):
+        n_in = mlp_dims[layer]
+        n_out = mlp_dims[layer + 1]
+        woff = mlp_woff[layer]
+        boff = mlp_boff[layer]
+        dst = 1 - src
+        for o in range(n_out):
+            row = mlp_w[woff + o * n_in:woff + (o + 1) * n_in]
+            bias = mlp_b[boff + o]
+            v = 0
+            while v + 3 <= n_vec:  # three vectors per pass over the row
+                f0 = feats[src, v]
+                f1 = feats[src, v + 1]
+                f2 = feats[src, v + 2]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                for j in range(n_in):
+                    r = row[j]
+                    a0 += r * f0[j]
+                    a1 += r * f1[j]
+                    a2 += r * f2[j]
+                feats[dst, v, o] = _leaky(a0 + bias)
+                feats[dst, v + 1, o] = _leaky(a1 + bias)
+                feats[dst, v + 2, o] = _leaky(a2 + bias)
+                v += 3
+            while v < n_vec:
+                inp = feats[src, v]
+                acc = np.float32(0.0)
+                for j in range(n_in):
+                    acc += row[j] * inp[j]
+                feats[dst, v, o] = _leaky(acc + bias)
+                v += 1
+        src = dst
+    for kf in range(n_frames):
+        out = red[kf * last:(kf + 1) * last]
+        for i in range(last):
+            out[i] = 0.0
+        for r in range(rotations):
+            v = feats[src, kf * rotations + r]
+            for i in range(last):
+                out[i] += v[i]
+        for i in range(last):
+            out[i] /= np.float32(rotations)
+
+
+@dataclass(frozen=True)
+class RotationMlp:
+    """The rotation-invariant MLP's weights, flat for :func:`_rotation_mlp`.
+
+    ``gather`` (R, F·D): per channel rotation, the flat indices into one (F, C, C) MPF frame
+    of its band-major vectorised features (the sidecar's ``rotation_gather`` (R, D) holds
+    them for one band); the Linear layers ``rotation_invariant_mlp.fully_connected_layers.i``
+    are concatenated row-major with their offsets.
+    """
+
+    gather: np.ndarray
+    w: np.ndarray
+    b: np.ndarray
+    woff: np.ndarray
+    boff: np.ndarray
+    dims: np.ndarray  # input size, then each layer's output size
+
+    PREFIX = "rotation_invariant_mlp.fully_connected_layers"
+
+    @classmethod
+    def load(cls, wts: _Weights, channels: int) -> RotationMlp:
+        c = channels
+        gather = wts.get("rotation_gather", (None, None), np.int64)
+        if gather.size == 0 or gather.min() < 0 or gather.max() >= c * c:
+            raise ModelError(f"{wts.source}: rotation_gather is empty or indexes outside a "
+                             f"({c}, {c}) matrix")
+        rotations, per_band = gather.shape
+        full = (np.arange(6)[None, :, None] * c * c + gather[:, None, :]).reshape(rotations, -1)
+        dims = [6 * per_band]
+        ws: list[np.ndarray] = []
+        bs: list[np.ndarray] = []
+        while f"{cls.PREFIX}.{len(ws)}.weight" in wts.arrays:
+            i = len(ws)
+            w = wts.get(f"{cls.PREFIX}.{i}.weight", (None, dims[-1]))
+            ws.append(w)
+            bs.append(wts.get(f"{cls.PREFIX}.{i}.bias", (w.shape[0],)))
+            dims.append(w.shape[0])
+        if not ws:
+            raise ModelError(f"{wts.source}: native weights lack '{cls.PREFIX}.0.weight'")
+        return cls(np.ascontiguousarray(full.astype(np.int64)),
+                   np.concatenate([w.reshape(-1) for w in ws]), np.concatenate(bs),
+                   np.cumsum([0] + [w.size for w in ws[:-1]]).astype(np.int64),
+                   np.cumsum([0] + [b.size for b in bs[:-1]]).astype(np.int64),
+                   np.asarray(dims, np.int64))
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.dims[-1])
+
+    def scratch(self, frames: int) -> np.ndarray:
+        """The kernel's ``feats`` buffer for ``frames`` frames per call."""
+        return np.zeros((2, frames * self.gather.shape[0], int(self.dims.max())), np.float32)
 
 
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -41,7 +41,7 @@ from numba import njit
 
 from emgd.errors import ModelError
 from emgd.modelcard import ModelCard
-from emgd.native_common import _FM, LEAKY_SLOPE, NativeNet, _layer_norm, _Weights
+from emgd.native_common import _FM, NativeNet, RotationMlp, _layer_norm, _rotation_mlp, _Weights
 
 FRAMES_PER_CALL = 2
 FF_WEIGHT = 0.5  # Residual weight of the feed-forward modules (attention and conv: 1.0)
@@ -111,73 +111,6 @@ def _feed_forward(x, lnw, lnb, w1, b1, w2, b2, t, hid, out):
     _linear(w2, b2, hid, out)
     for i in range(out.shape[0]):
         out[i] += np.float32(FF_WEIGHT) * x[i]
-
-
-@njit(nogil=True, cache=True, inline="always", fastmath=_FM)
-def _leaky(v):
-    return v if v >= 0.0 else v * np.float32(LEAKY_SLOPE)
-
-
-@njit(nogil=True, cache=True, fastmath=_FM)
-def _mlp_frames(frames, gather, mlp_w, mlp_b, mlp_woff, mlp_boff, mlp_dims, feats, red):
-    """frames (2, F·C·C) -> red (2·M): per frame the mean over rotations of the MLP output."""
-    n_frames = frames.shape[0]
-    rotations, width = gather.shape
-    layers = mlp_dims.shape[0] - 1
-    last = mlp_dims[layers]
-    n_vec = n_frames * rotations
-    for kf in range(n_frames):  # gather every (frame, rotation) feature vector
-        fr = frames[kf]
-        for r in range(rotations):
-            g = gather[r]
-            dst = feats[0, kf * rotations + r]
-            for i in range(width):
-                dst[i] = fr[g[i]]
-    src = 0
-    for layer in range(layers):
-        n_in = mlp_dims[layer]
-        n_out = mlp_dims[layer + 1]
-        woff = mlp_woff[layer]
-        boff = mlp_boff[layer]
-        dst = 1 - src
-        for o in range(n_out):
-            row = mlp_w[woff + o * n_in:woff + (o + 1) * n_in]
-            bias = mlp_b[boff + o]
-            v = 0
-            while v + 3 <= n_vec:  # three vectors per pass over the row
-                f0 = feats[src, v]
-                f1 = feats[src, v + 1]
-                f2 = feats[src, v + 2]
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                a2 = np.float32(0.0)
-                for j in range(n_in):
-                    r = row[j]
-                    a0 += r * f0[j]
-                    a1 += r * f1[j]
-                    a2 += r * f2[j]
-                feats[dst, v, o] = _leaky(a0 + bias)
-                feats[dst, v + 1, o] = _leaky(a1 + bias)
-                feats[dst, v + 2, o] = _leaky(a2 + bias)
-                v += 3
-            while v < n_vec:
-                inp = feats[src, v]
-                acc = np.float32(0.0)
-                for j in range(n_in):
-                    acc += row[j] * inp[j]
-                feats[dst, v, o] = _leaky(acc + bias)
-                v += 1
-        src = dst
-    for kf in range(n_frames):
-        out = red[kf * last:(kf + 1) * last]
-        for i in range(last):
-            out[i] = 0.0
-        for r in range(rotations):
-            v = feats[src, kf * rotations + r]
-            for i in range(last):
-                out[i] += v[i]
-        for i in range(last):
-            out[i] /= np.float32(rotations)
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
@@ -312,7 +245,7 @@ def _handwriting_run(frames, gather, mlp_w, mlp_b, mlp_woff, mlp_boff, mlp_dims,
     taps = conv.shape[1]
     lag = taps  # kernel - 1
     red = s[S_RED, :2 * mlp_dims[mlp_dims.shape[0] - 1]]
-    _mlp_frames(frames, gather, mlp_w, mlp_b, mlp_woff, mlp_boff, mlp_dims, feats, red)
+    _rotation_mlp(frames, gather, mlp_w, mlp_b, mlp_woff, mlp_boff, mlp_dims, feats, red)
     x = s[S_X, :d]
     _linear(in_w, in_b, red, x)
     hid = s[S_HID, :ff_w1.shape[2]]
@@ -378,30 +311,8 @@ class NativeHandwriting(NativeNet):
         self._frame = 6 * c * c
 
         # front end: rotation MLP, then the input Linear on the frame pair
-        gather = wts.get("rotation_gather", (None, None), np.int64)
-        if gather.size == 0 or gather.min() < 0 or gather.max() >= c * c:
-            raise ModelError(f"{src}: rotation_gather is empty or indexes outside a "
-                             f"({c}, {c}) matrix")
-        rotations, per_band = gather.shape
-        full = (np.arange(6)[None, :, None] * c * c + gather[:, None, :]).reshape(rotations, -1)
-        self._gather = np.ascontiguousarray(full.astype(np.int64))
-        dims = [6 * per_band]
-        ws: list[np.ndarray] = []
-        bs: list[np.ndarray] = []
-        prefix = "rotation_invariant_mlp.fully_connected_layers"
-        while f"{prefix}.{len(ws)}.weight" in wts.arrays:
-            i = len(ws)
-            w = wts.get(f"{prefix}.{i}.weight", (None, dims[-1]))
-            ws.append(w)
-            bs.append(wts.get(f"{prefix}.{i}.bias", (w.shape[0],)))
-            dims.append(w.shape[0])
-        if not ws:
-            raise ModelError(f"{src}: native weights lack '{prefix}.0.weight'")
-        self._mlp_w = np.concatenate([w.reshape(-1) for w in ws])
-        self._mlp_b = np.concatenate(bs)
-        self._mlp_woff = np.cumsum([0] + [w.size for w in ws[:-1]]).astype(np.int64)
-        self._mlp_boff = np.cumsum([0] + [b.size for b in bs[:-1]]).astype(np.int64)
-        self._mlp_dims = np.asarray(dims, np.int64)
+        self._mlp = RotationMlp.load(wts, c)
+        dims = list(self._mlp.dims)
         mlp = dims[-1]
         in_w = wts.get("conformer.1.weight", (None, FRAMES_PER_CALL * mlp))
         d = in_w.shape[0]
@@ -496,8 +407,7 @@ class NativeHandwriting(NativeNet):
         self._shapes = {"attn": (n, n_hist, d), "conv": (n, kernel - 1, d), "count": (n,)}
 
         # buffers
-        n_vec = FRAMES_PER_CALL * rotations
-        self._feats = np.zeros((2, n_vec, max(dims)), np.float32)
+        self._feats = self._mlp.scratch(FRAMES_PER_CALL)
         width = max(ffn, 2 * d, FRAMES_PER_CALL * mlp, n_out, int(windows.max()))
         self._s = np.zeros((S_FIXED + 3 * heads, width), np.float32)
         self._tok = np.zeros(int(windows.max()) * d, np.float32)
@@ -518,9 +428,10 @@ class NativeHandwriting(NativeNet):
         frames = x.reshape(FRAMES_PER_CALL, self._frame)
         (vecs, ff_w1, ff_b1, ff_w2, att_w, att_b, att_out, cv_w1, cv_b1, dw,
          cv_w2) = self._blocks
+        m = self._mlp
         valid = _handwriting_run(
-            frames, self._gather, self._mlp_w, self._mlp_b, self._mlp_woff, self._mlp_boff,
-            self._mlp_dims, self._feats, self._in[0], self._in[1], vecs, ff_w1, ff_b1, ff_w2,
+            frames, m.gather, m.w, m.b, m.woff, m.boff, m.dims, self._feats, self._in[0],
+            self._in[1], vecs, ff_w1, ff_b1, ff_w2,
             att_w, att_b, att_out, cv_w1, cv_b1, dw, cv_w2, self._windows, self._strides,
             self._heads, self._state(state, "attn", np.float32),
             self._state(state, "conv", np.float32), self._state(state, "count", np.int64),

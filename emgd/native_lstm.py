@@ -45,7 +45,9 @@ from emgd.native_common import (
     _FM,
     LEAKY_SLOPE,
     NativeNet,
+    RotationMlp,
     _layer_norm,
+    _rotation_mlp,
     _sigmoid,
     _Weights,
     quantize_rows,
@@ -151,39 +153,11 @@ def _gestures_run(x, tail, cbuf, rng, mid, conv_w, conv_b, ln1_g, ln1_b, z, zn,
 
 @njit(nogil=True, cache=True, fastmath=_FM)
 def _wrist_run(frames, gather, mlp_w, mlp_b, mlp_woff, mlp_boff, mlp_dims, feats, act,
-               mean, w32, w16, scale, bias, offs, n_ins, h, c, gates, use16,
-               out_w, out_b, y):
+               w32, w16, scale, bias, offs, n_ins, h, c, gates, use16, out_w, out_b, y):
     """frames (K, F·C·C) flat MPF frames; y (K, n_out) written."""
-    rotations, width = gather.shape
-    layers = mlp_dims.shape[0] - 1
-    last = mlp_dims[layers]
     for kf in range(frames.shape[0]):
-        fr = frames[kf]
-        for i in range(last):
-            mean[i] = 0.0
-        for r in range(rotations):
-            for i in range(width):
-                feats[0, i] = fr[gather[r, i]]
-            src = 0
-            for layer in range(layers):
-                n_in = mlp_dims[layer]
-                n_out = mlp_dims[layer + 1]
-                woff = mlp_woff[layer]
-                boff = mlp_boff[layer]
-                dst = 1 - src
-                inp = feats[src]
-                for o in range(n_out):
-                    row = mlp_w[woff + o * n_in:woff + (o + 1) * n_in]
-                    acc = np.float32(0.0)
-                    for j in range(n_in):
-                        acc += row[j] * inp[j]
-                    acc += mlp_b[boff + o]
-                    feats[dst, o] = acc if acc >= 0.0 else acc * np.float32(LEAKY_SLOPE)
-                src = dst
-            for i in range(last):
-                mean[i] += feats[src, i]
-        for i in range(last):
-            act[i] = mean[i] / np.float32(rotations)
+        _rotation_mlp(frames[kf:kf + 1], gather, mlp_w, mlp_b, mlp_woff, mlp_boff, mlp_dims,
+                      feats, act)
         top = _lstm_stack(act, w32, w16, scale, bias, offs, n_ins, h, c, gates, use16)
         for o in range(out_w.shape[0]):
             acc = np.float32(0.0)
@@ -300,46 +274,17 @@ class NativeWrist(NativeNet):
     kind = "wrist_lstm"
 
     def __init__(self, wts: _Weights, card: ModelCard, precision: str, capacity: int) -> None:
-        c = card.input.channels
-        gather = wts.get("rotation_gather", (None, None), np.int64)
-        frame = 6 * c * c
-        if gather.size and (gather.min() < 0 or gather.max() >= frame):
-            raise ModelError(f"{wts.source}: rotation_gather indexes outside a (6, {c}, {c}) "
-                             "MPF frame")
-        rotations, per_band = gather.shape
-        # one gather row per rotation over the whole frame, band-major: b·D + d
-        full = (np.arange(6)[None, :, None] * c * c + gather[:, None, :]).reshape(rotations, -1)
-        self._gather = np.ascontiguousarray(full.astype(np.int64))
-        dims = [6 * per_band]
-        ws: list[np.ndarray] = []
-        bs: list[np.ndarray] = []
-        while f"rotation_invariant_mlp.fully_connected_layers.{len(ws)}.weight" in wts.arrays:
-            i = len(ws)
-            w = wts.get(f"rotation_invariant_mlp.fully_connected_layers.{i}.weight",
-                        (None, dims[-1]))
-            ws.append(w)
-            bs.append(wts.get(f"rotation_invariant_mlp.fully_connected_layers.{i}.bias",
-                              (w.shape[0],)))
-            dims.append(w.shape[0])
-        if not ws:
-            raise ModelError(f"{wts.source}: native weights lack "
-                             "'rotation_invariant_mlp.fully_connected_layers.0.weight'")
         self.precision = precision
-        self._mlp_w = np.concatenate([w.reshape(-1) for w in ws])
-        self._mlp_b = np.concatenate(bs)
-        self._mlp_woff = np.cumsum([0] + [w.size for w in ws[:-1]]).astype(np.int64)
-        self._mlp_boff = np.cumsum([0] + [b.size for b in bs[:-1]]).astype(np.int64)
-        self._mlp_dims = np.asarray(dims, np.int64)
-        self._lstm = lstm = _lstm_weights(wts, dims[-1], precision)
+        self._mlp = mlp = RotationMlp.load(wts, card.input.channels)
+        self._lstm = lstm = _lstm_weights(wts, mlp.out_dim, precision)
         n_out = len(card.output.labels)
         self._out = (wts.get("linear_out.weight", (n_out, lstm.hidden)),
                      wts.get("linear_out.bias", (n_out,)))
-        self._feats = np.zeros((2, max(dims)), np.float32)
-        self._act = np.zeros(dims[-1], np.float32)
-        self._mean = np.zeros(dims[-1], np.float32)
+        self._feats = mlp.scratch(1)
+        self._act = np.zeros(mlp.out_dim, np.float32)
         self._gates = np.zeros(4 * lstm.hidden, np.float32)
         self._y = np.zeros((capacity + 1, n_out), np.float32)
-        self._frame = frame
+        self._frame = 6 * card.input.channels ** 2
         _check_lstm_states(card, lstm, wts.source)
 
     def run(self, x: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
@@ -348,9 +293,9 @@ class NativeWrist(NativeNet):
             raise ValueError(f"{k} frames exceed the kernel's buffer ({self._y.shape[0]})")
         lstm = self._lstm
         y = self._y[:k]
-        _wrist_run(x.reshape(k, self._frame), self._gather, self._mlp_w, self._mlp_b,
-                   self._mlp_woff, self._mlp_boff, self._mlp_dims, self._feats, self._act,
-                   self._mean, lstm.w32, lstm.w16, lstm.scale, lstm.bias, lstm.offs,
+        m = self._mlp
+        _wrist_run(x.reshape(k, self._frame), m.gather, m.w, m.b, m.woff, m.boff, m.dims,
+                   self._feats, self._act, lstm.w32, lstm.w16, lstm.scale, lstm.bias, lstm.offs,
                    lstm.n_ins, _hc(state["h"]), _hc(state["c"]), self._gates, lstm.use16,
                    self._out[0], self._out[1], y)
         return y
